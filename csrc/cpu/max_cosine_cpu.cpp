@@ -1,0 +1,128 @@
+// CPU kernel of max_cosine: never holds the k x n similarity matrix.
+//
+// The (batch, k, n) problem is cut into tiles of kTileK x kTileN dot products. Each tile is one
+// GEMM through ATen/BLAS into a per-thread buffer that fits in L2, reduced to (max, argmax) per row
+// while it is still in cache. Tiles run in parallel; their partial maxima are combined in index
+// order, so the result does not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "../max_cosine_common.h"
+
+namespace intruder_ext {
+namespace {
+
+// 512 x 256 floats = 512 KiB of dot products per tile: in L2, and each GEMM call does enough
+// flops per element of its operands that BLAS repacking them costs little.
+constexpr int64_t kTileK = 512;
+constexpr int64_t kTileN = 256;
+
+// Order of candidates: NaN above everything (it propagates), then larger value, then lower index.
+template <typename acc_t>
+inline bool better(acc_t v, int64_t i, acc_t best, int64_t best_i) {
+  const bool v_nan = std::isnan(v), best_nan = std::isnan(best);
+  if (v_nan || best_nan) return v_nan && (!best_nan || i < best_i);
+  return v > best || (v == best && i < best_i);
+}
+
+// Column scale factors: 1/||column|| (0 for a zero column, so its cosines are 0), or 1.
+at::Tensor inverse_norms(const at::Tensor& M, bool normalize) {
+  if (!normalize) return at::ones({M.size(0), M.size(2)}, M.options());
+  const at::Tensor norms = at::linalg_vector_norm(M, 2, {1}, false, M.scalar_type());
+  return at::where(norms > 0, norms.reciprocal(), at::zeros({}, norms.options()));
+}
+
+template <typename acc_t>
+void reduce_tiles(const at::Tensor& Y, const at::Tensor& X, const at::Tensor& inv_y,
+                  const at::Tensor& inv_x, bool absolute, at::Tensor& values, at::Tensor& indices) {
+  const int64_t batch = Y.size(0), k = Y.size(2), n = X.size(2);
+  const int64_t k_tiles = (k + kTileK - 1) / kTileK, n_tiles = (n + kTileN - 1) / kTileN;
+  const int64_t tile_k = std::min(k, kTileK), tile_n = std::min(n, kTileN);
+  at::Tensor part_val = at::empty({batch, k, n_tiles}, Y.options());
+  at::Tensor part_idx = at::empty({batch, k, n_tiles}, indices.options());
+  acc_t* pv = part_val.data_ptr<acc_t>();
+  int64_t* pi = part_idx.data_ptr<int64_t>();
+  const acc_t* iy_all = inv_y.data_ptr<acc_t>();
+  const acc_t* ix_all = inv_x.data_ptr<acc_t>();
+
+  at::parallel_for(0, batch * k_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({tile_k * tile_n}, Y.options());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (k_tiles * n_tiles);
+      const int64_t kt = (task / n_tiles) % k_tiles, nt = task % n_tiles;
+      const int64_t k0 = kt * kTileK, kc = std::min(kTileK, k - k0);
+      const int64_t n0 = nt * kTileN, nc = std::min(kTileN, n - n0);
+      at::Tensor dots = buffer.narrow(0, 0, kc * nc).view({kc, nc});
+      at::mm_out(dots, Y[b].narrow(1, k0, kc).t(), X[b].narrow(1, n0, nc));
+      const acc_t* d = dots.const_data_ptr<acc_t>();
+      const acc_t* iy = iy_all + b * k + k0;
+      const acc_t* ix = ix_all + b * n + n0;
+      for (int64_t j = 0; j < kc; ++j) {
+        const acc_t* row = d + j * nc;
+        auto cosine = [&](int64_t i) {
+          const acc_t c = row[i] * iy[j] * ix[i];
+          return absolute ? std::abs(c) : c;
+        };
+        acc_t best = cosine(0);
+        int64_t best_i = 0;
+        // Strict '>' keeps the lowest index on ties; the first NaN is final.
+        for (int64_t i = 1; i < nc && !std::isnan(best); ++i) {
+          const acc_t c = cosine(i);
+          if (!(c <= best)) {
+            best = c;
+            best_i = i;
+          }
+        }
+        const int64_t slot = (b * k + k0 + j) * n_tiles + nt;
+        pv[slot] = best;
+        pi[slot] = n0 + best_i;
+      }
+    }
+  });
+
+  acc_t* out_v = values.data_ptr<acc_t>();
+  int64_t* out_i = indices.data_ptr<int64_t>();
+  at::parallel_for(0, batch * k, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t best = pv[row * n_tiles];
+      int64_t best_i = pi[row * n_tiles];
+      for (int64_t t = 1; t < n_tiles; ++t) {
+        if (better(pv[row * n_tiles + t], pi[row * n_tiles + t], best, best_i)) {
+          best = pv[row * n_tiles + t];
+          best_i = pi[row * n_tiles + t];
+        }
+      }
+      out_v[row] = best;
+      out_i[row] = best_i;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> max_cosine_cpu(const at::Tensor& Y_in, const at::Tensor& X_in,
+                                                  bool absolute, bool normalize) {
+  const MaxCosineProblem p = prepare_max_cosine(Y_in, X_in);
+  const at::ScalarType acc = max_cosine_acc_type(Y_in.scalar_type());
+  at::Tensor indices = at::empty(p.out_shape, Y_in.options().dtype(at::kLong));
+  if (p.batch == 0 || p.k == 0) {
+    return {at::empty(p.out_shape, Y_in.options()), indices};
+  }
+  // float16/bfloat16 are widened once; float32/float64 are used in place, strides and all.
+  const at::Tensor Y = p.Y.to(acc), X = p.X.to(acc);
+  at::Tensor values = at::empty({p.batch, p.k}, Y.options());
+  at::Tensor idx = indices.view({p.batch, p.k});
+  AT_DISPATCH_FLOATING_TYPES(acc, "max_cosine_cpu", [&] {
+    reduce_tiles<scalar_t>(Y, X, inverse_norms(Y, normalize).contiguous(),
+                           inverse_norms(X, normalize).contiguous(), absolute, values, idx);
+  });
+  return {values.view(p.out_shape).to(Y_in.scalar_type()), indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(intruder_ext, CPU, m) { m.impl("max_cosine", &max_cosine_cpu); }
+
+}  // namespace intruder_ext

@@ -1,0 +1,62 @@
+"""Python entry points of the compiled ops (``torch.ops.intruder_ext.*``)."""
+
+from typing import NamedTuple
+
+import torch
+
+
+class MaxCosine(NamedTuple):
+    """Result of :func:`max_cosine`: the best match of each column of ``Y`` among those of ``X``."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+def cuda_built() -> bool:
+    """True when the CUDA kernels were compiled into this install (a GPU need not be present)."""
+    return torch.ops.intruder_ext.cuda_built()
+
+
+def max_cosine(Y: torch.Tensor, X: torch.Tensor, *, absolute: bool = True,
+               normalize: bool = True) -> MaxCosine:
+    """Largest (absolute) cosine similarity of each column of ``Y`` with any column of ``X``.
+
+    ``Y`` is ``(..., d, k)`` and ``X`` is ``(..., d, n)``: the columns are the vectors, as in the
+    ``U`` returned by ``torch.linalg.svd``. Leading batch dims broadcast. Returns
+    ``MaxCosine(values, indices)``, both ``(..., k)``::
+
+        values[..., j]  = max_i |cos(Y[..., :, j], X[..., :, i])|
+        indices[..., j] = the lowest i attaining it
+
+    The k x n similarity matrix is never materialized: the CPU kernel reduces cache-sized tiles of
+    BLAS products, the CUDA kernel fuses column norms, tiled GEMM and the arg-max reduction.
+
+    Args:
+        Y, X: float32, float64, float16 or bfloat16 tensors of one dtype on one device.
+            float16/bfloat16 accumulate in float32, float32 in float32, float64 in float64.
+        absolute: compare ``|cos|`` (the intruder definition, default). ``False`` takes the
+            signed maximum instead.
+        normalize: divide by the column norms (default). Pass ``False`` when the columns are
+            known to have unit length (singular vectors) to skip the norms; the values are then
+            plain dot products.
+
+    A zero column has cosine 0 with everything (never NaN); a NaN input gives NaN.
+    ``values`` has the inputs' dtype, ``indices`` is int64. Not differentiable.
+    """
+    for name, t in (("Y", Y), ("X", X)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"max_cosine: {name} must be a torch.Tensor (got {type(t).__name__})")
+    values, indices = torch.ops.intruder_ext.max_cosine(Y, X, bool(absolute), bool(normalize))
+    return MaxCosine(values, indices)
+
+
+def batched_svd(A: torch.Tensor):
+    """Thin SVD of every matrix in a ``(..., m, n)`` stack: ``(U, S, Vh)`` as
+    ``torch.linalg.svd(A, full_matrices=False)`` returns them, singular values descending.
+
+    On CUDA, stacks of matrices up to 32 x 32 go through one cuSOLVER ``gesvdjBatched`` call
+    (any matrix that does not converge is recomputed with a robust driver); on CPU, LAPACK.
+    """
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"batched_svd: A must be a torch.Tensor (got {type(A).__name__})")
+    return torch.ops.intruder_ext.batched_svd(A)
