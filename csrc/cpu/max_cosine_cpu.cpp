@@ -2,14 +2,16 @@
 //
 // The (batch, k, n) problem is cut into tiles of kTileK x kTileN dot products. Each tile is one
 // GEMM through ATen/BLAS into a per-thread buffer that fits in L2, reduced to (max, argmax) per row
-// while it is still in cache. Tiles run in parallel; their partial maxima are combined in index
-// order, so the result does not depend on the number of threads.
+// while it is still in cache. Tasks (batch, k-tile, chunk of n-tiles) run in parallel; their
+// partial maxima are combined in index order. Extra memory: one buffer per thread, the column
+// norms, and k partials per n-chunk (at most one chunk per thread).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "../max_cosine_common.h"
 
@@ -70,45 +72,60 @@ void reduce_tiles(const at::Tensor& Y, const at::Tensor& X, const at::Tensor& in
                   const at::Tensor& inv_x, bool absolute, at::Tensor& values, at::Tensor& indices) {
   const int64_t batch = Y.size(0), k = Y.size(2), n = X.size(2);
   const int64_t k_tiles = (k + kTileK - 1) / kTileK, n_tiles = (n + kTileN - 1) / kTileN;
+  // Split n only as far as needed to give every thread work: partials stay O(k * threads).
+  const int64_t groups = batch * k_tiles;
+  const int64_t n_chunks = std::min(n_tiles, std::max<int64_t>(1, at::get_num_threads() / groups));
+  const int64_t tiles_per_chunk = (n_tiles + n_chunks - 1) / n_chunks;
   const int64_t tile_k = std::min(k, kTileK), tile_n = std::min(n, kTileN);
-  at::Tensor part_val = at::empty({batch, k, n_tiles}, Y.options());
-  at::Tensor part_idx = at::empty({batch, k, n_tiles}, indices.options());
+  at::Tensor part_val = at::empty({batch, k, n_chunks}, Y.options());
+  at::Tensor part_idx = at::empty({batch, k, n_chunks}, indices.options());
   acc_t* pv = part_val.data_ptr<acc_t>();
   int64_t* pi = part_idx.data_ptr<int64_t>();
-  const acc_t* iy_all = inv_y.data_ptr<acc_t>();
-  const acc_t* ix_all = inv_x.data_ptr<acc_t>();
+  const acc_t* iy_all = inv_y.const_data_ptr<acc_t>();
+  const acc_t* ix_all = inv_x.const_data_ptr<acc_t>();
 
-  at::parallel_for(0, batch * k_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, groups * n_chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({tile_k * tile_n}, Y.options());
+    std::vector<acc_t> best(tile_k);
+    std::vector<int64_t> best_i(tile_k);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (k_tiles * n_tiles);
-      const int64_t kt = (task / n_tiles) % k_tiles, nt = task % n_tiles;
+      const int64_t b = task / (k_tiles * n_chunks);
+      const int64_t kt = (task / n_chunks) % k_tiles, chunk = task % n_chunks;
       const int64_t k0 = kt * kTileK, kc = std::min(kTileK, k - k0);
-      const int64_t n0 = nt * kTileN, nc = std::min(kTileN, n - n0);
-      at::Tensor dots = buffer.narrow(0, 0, kc * nc).view({kc, nc});
-      at::mm_out(dots, Y[b].narrow(1, k0, kc).t(), X[b].narrow(1, n0, nc));
-      const acc_t* d = dots.const_data_ptr<acc_t>();
+      const int64_t nt_end = std::min(n_tiles, (chunk + 1) * tiles_per_chunk);
       const acc_t* iy = iy_all + b * k + k0;
-      const acc_t* ix = ix_all + b * n + n0;
-      for (int64_t j = 0; j < kc; ++j) {
-        const acc_t* row = d + j * nc;
-        auto cosine = [&](int64_t i) {
-          const acc_t c = row[i] * iy[j] * ix[i];
-          return absolute ? std::abs(c) : c;
-        };
-        acc_t best = cosine(0);
-        int64_t best_i = 0;
-        // Strict '>' keeps the lowest index on ties; the first NaN is final.
-        for (int64_t i = 1; i < nc && !std::isnan(best); ++i) {
-          const acc_t c = cosine(i);
-          if (!(c <= best)) {
-            best = c;
-            best_i = i;
+      for (int64_t nt = chunk * tiles_per_chunk; nt < nt_end; ++nt) {
+        const int64_t n0 = nt * kTileN, nc = std::min(kTileN, n - n0);
+        at::Tensor dots = buffer.narrow(0, 0, kc * nc).view({kc, nc});
+        at::mm_out(dots, Y[b].narrow(1, k0, kc).t(), X[b].narrow(1, n0, nc));
+        const acc_t* d = dots.const_data_ptr<acc_t>();
+        const acc_t* ix = ix_all + b * n + n0;
+        for (int64_t j = 0; j < kc; ++j) {
+          const acc_t* row = d + j * nc;
+          auto cosine = [&](int64_t i) {
+            const acc_t c = row[i] * iy[j] * ix[i];
+            return absolute ? std::abs(c) : c;
+          };
+          acc_t tile_best = cosine(0);
+          int64_t tile_best_i = 0;
+          // Strict '>' keeps the lowest index on ties; the first NaN is final.
+          for (int64_t i = 1; i < nc && !std::isnan(tile_best); ++i) {
+            const acc_t c = cosine(i);
+            if (!(c <= tile_best)) {
+              tile_best = c;
+              tile_best_i = i;
+            }
+          }
+          if (nt == chunk * tiles_per_chunk || better(tile_best, n0 + tile_best_i, best[j], best_i[j])) {
+            best[j] = tile_best;
+            best_i[j] = n0 + tile_best_i;
           }
         }
-        const int64_t slot = (b * k + k0 + j) * n_tiles + nt;
-        pv[slot] = best;
-        pi[slot] = n0 + best_i;
+      }
+      for (int64_t j = 0; j < kc; ++j) {
+        const int64_t slot = (b * k + k0 + j) * n_chunks + chunk;
+        pv[slot] = best[j];
+        pi[slot] = best_i[j];
       }
     }
   });
@@ -117,16 +134,16 @@ void reduce_tiles(const at::Tensor& Y, const at::Tensor& X, const at::Tensor& in
   int64_t* out_i = indices.data_ptr<int64_t>();
   at::parallel_for(0, batch * k, 256, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      acc_t best = pv[row * n_tiles];
-      int64_t best_i = pi[row * n_tiles];
-      for (int64_t t = 1; t < n_tiles; ++t) {
-        if (better(pv[row * n_tiles + t], pi[row * n_tiles + t], best, best_i)) {
-          best = pv[row * n_tiles + t];
-          best_i = pi[row * n_tiles + t];
+      acc_t v = pv[row * n_chunks];
+      int64_t i = pi[row * n_chunks];
+      for (int64_t c = 1; c < n_chunks; ++c) {
+        if (better(pv[row * n_chunks + c], pi[row * n_chunks + c], v, i)) {
+          v = pv[row * n_chunks + c];
+          i = pi[row * n_chunks + c];
         }
       }
-      out_v[row] = best;
-      out_i[row] = best_i;
+      out_v[row] = v;
+      out_i[row] = i;
     }
   });
 }
