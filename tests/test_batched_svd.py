@@ -54,6 +54,23 @@ def test_matches_torch(device, dtype, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
+@pytest.mark.parametrize("m,n", [(12, 7), (7, 12), (40, 36)])
+def test_non_contiguous_input(device, layout, m, n):
+    torch.manual_seed(5)
+    if layout == "transposed":
+        A = torch.randn(3, n, m, device=device).mT
+    elif layout == "strided":
+        A = torch.randn(6, m, 2 * n, device=device)[::2, :, ::2]
+    else:  # stride 0 over the batch: every matrix is the same memory
+        A = torch.randn(1, m, n, device=device).expand(4, m, n)
+    A_before = A.clone()
+    U, S, Vh = intruder_ext.batched_svd(A)
+    check_svd(A, U, S, Vh)
+    torch.testing.assert_close(A, A_before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("m,n,rank", [(16, 16, 3), (24, 10, 2), (10, 24, 1), (48, 40, 5)])
 def test_rank_deficient(device, dtype, m, n, rank):
