@@ -120,6 +120,12 @@ def build_extension():
     rpaths = ["$ORIGIN/../nvidia/cu13/lib", "$ORIGIN/../nvidia/cusolver/lib",
               "$ORIGIN/../nvidia/cublas/lib"] + lib_dirs
     link += [f"-Wl,-rpath,{p}" for p in rpaths]
+    # torch's Linux wheels keep at::cuda::getCurrentCUDASolverDnHandle in libtorch_cuda_linalg.so,
+    # which torch itself loads lazily: link it, and find it next to torch at run time.
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    if os.path.exists(os.path.join(torch_lib, "libtorch_cuda_linalg.so")):
+        link += [f"-L{torch_lib}", "-ltorch_cuda_linalg",
+                 "-Wl,-rpath,$ORIGIN/../torch/lib", f"-Wl,-rpath,{torch_lib}"]
     ext = CUDAExtension(
         "intruder_ext._C", cpu_sources + cuda_sources,
         include_dirs=include_dirs,

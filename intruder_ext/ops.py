@@ -54,8 +54,11 @@ def batched_svd(A: torch.Tensor):
     """Thin SVD of every matrix in a ``(..., m, n)`` stack: ``(U, S, Vh)`` as
     ``torch.linalg.svd(A, full_matrices=False)`` returns them, singular values descending.
 
-    On CUDA, stacks of matrices up to 32 x 32 go through one cuSOLVER ``gesvdjBatched`` call
-    (any matrix that does not converge is recomputed with a robust driver); on CPU, LAPACK.
+    On CUDA, stacks of matrices up to 32 x 32 go through one cuSOLVER ``gesvdjBatched`` call,
+    larger ones through ``gesvdj`` one matrix at a time; any matrix whose Jacobi iteration does
+    not converge is recomputed with the QR-based ``gesvd`` (with a warning). The environment
+    variable ``INTRUDER_EXT_GESVDJ_MAX_SWEEPS`` caps the Jacobi sweeps (default 100). On CPU,
+    LAPACK. float32 and float64 only.
     """
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"batched_svd: A must be a torch.Tensor (got {type(A).__name__})")
