@@ -6,7 +6,14 @@ fine-tuned weight that are nearly orthogonal to every singular vector of the bas
 
 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against, first)
 
-from . import _C  # noqa: F401  (loads the compiled ops into torch.ops.intruder_ext)
+try:
+    from . import _C  # noqa: F401  (loads the compiled ops into torch.ops.intruder_ext)
+except ImportError as error:  # the usual cause: importing the source tree, which holds no _C
+    raise ImportError(
+        f"intruder_ext: the compiled library intruder_ext._C could not be loaded from {__path__[0]} "
+        f"({error}). Install the package with `pip install --no-build-isolation .` and import it "
+        "from outside the source tree, or build in place with `python setup.py build_ext --inplace`."
+    ) from error
 from . import _meta  # noqa: F401  (fake implementations for torch.compile / meta tensors)
 from .ops import MaxCosine, batched_svd, cuda_built, max_cosine
 
