@@ -6,9 +6,10 @@
 // - threadIdx/blockIdx are thread_local; gridDim/blockDim are globals of the running launch.
 // - __shared__ is `static`: with one block alive at a time, a function's statics are exactly that
 //   block's shared memory. Like real shared memory it is not reset between blocks.
-// - __syncthreads is a std::barrier over the block's threads; atomics go through std::atomic_ref;
-//   __threadfence is a sequentially consistent fence.
-// Not emulated: warps (no shuffles or warp votes), concurrent blocks, dynamic shared memory.
+// - __syncthreads is a std::barrier over the block's threads; atomicAdd goes through
+//   std::atomic_ref; __threadfence is a sequentially consistent fence.
+// Only what the project's kernels use is here. Not emulated: warps (no shuffles or votes),
+// concurrent blocks, dynamic shared memory.
 #pragma once
 
 #include <math.h>  // sqrt/fabs overloaded for float in the global namespace, as CUDA has them
@@ -17,7 +18,6 @@
 #include <atomic>
 #include <barrier>
 #include <cstdint>
-#include <numeric>
 #include <random>
 #include <thread>
 #include <vector>
@@ -54,26 +54,6 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 template <typename T>
 T atomicAdd(T* address, T value) {
   return std::atomic_ref<T>(*address).fetch_add(value);
-}
-
-template <typename T>
-T atomicMax(T* address, T value) {
-  std::atomic_ref<T> ref(*address);
-  T old = ref.load();
-  while (old < value && !ref.compare_exchange_weak(old, value)) {
-  }
-  return old;
-}
-
-template <typename T>
-T atomicCAS(T* address, T compare, T value) {
-  std::atomic_ref<T>(*address).compare_exchange_strong(compare, value);
-  return compare;  // the old value, as CUDA returns it
-}
-
-template <typename T>
-T __ldcg(const T* address) {
-  return *static_cast<const volatile T*>(address);
 }
 
 namespace cuda_emu {
