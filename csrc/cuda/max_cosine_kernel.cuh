@@ -98,7 +98,7 @@ __device__ __forceinline__ bool better(acc_t v, int64_t i, acc_t best, int64_t b
 // (-inf, kNoIndex) ranks below every candidate: the start of a running maximum.
 constexpr int64_t kNoIndex = INT64_MAX;
 
-// Stages rows [0, kTileD) x columns [0, tile_cols) of an operand into a shared tile (ld floats
+// Stages rows [0, kTileD) x columns [0, tile_cols) of an operand into a shared tile (ld elements
 // per row), zero outside rows_left x cols_left so that padding adds nothing to dots or norms.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_tile(const scalar_t* __restrict__ base, int64_t s_row,
