@@ -1,0 +1,69 @@
+// The CUDA max_cosine kernel (csrc/cuda/max_cosine_kernel.cuh) built against the CUDA emulation,
+// with C entry points for tests/test_max_cosine_emulated.py (ctypes).
+#include "cuda_emu.h"  // first: it defines what nvcc would provide to the kernel header
+#include "../../csrc/cuda/max_cosine_kernel.cuh"
+
+#include <vector>
+
+namespace {
+
+using namespace intruder_ext::max_cosine_cuda;
+
+// sizes: batch, d, k, n (each >= 1 but d); strides: (batch, d, column) in elements.
+// Mirrors the launcher in csrc/cuda/max_cosine_cuda.cu; returns the number of n-splits used.
+template <typename scalar_t>
+int64_t run(const scalar_t* Y, const scalar_t* X, const int64_t* sizes, const int64_t* y_strides,
+            const int64_t* x_strides, bool absolute, bool normalize, int64_t target_blocks,
+            int64_t max_batch_blocks, unsigned int seed, scalar_t* values, int64_t* indices) {
+  const LaunchConfig c = launch_config(sizes[0], sizes[2], sizes[3], target_blocks, max_batch_blocks);
+  std::vector<scalar_t> partial_values(c.workspace_entries);
+  std::vector<int64_t> partial_indices(c.workspace_entries);
+  std::vector<unsigned int> counters(c.counters, 0u);
+  Params p{};
+  p.Y = Y;
+  p.X = X;
+  p.batch = sizes[0];
+  p.d = sizes[1];
+  p.k = sizes[2];
+  p.n = sizes[3];
+  p.y_sb = y_strides[0];
+  p.y_sd = y_strides[1];
+  p.y_sk = y_strides[2];
+  p.x_sb = x_strides[0];
+  p.x_sd = x_strides[1];
+  p.x_sn = x_strides[2];
+  p.absolute = absolute;
+  p.normalize = normalize;
+  p.tiles_per_split = c.tiles_per_split;
+  p.values = values;
+  p.indices = indices;
+  p.partial_values = partial_values.data();
+  p.partial_indices = partial_indices.data();
+  p.counters = counters.data();
+  const dim3 grid(static_cast<unsigned int>(c.k_tiles), static_cast<unsigned int>(c.splits),
+                  static_cast<unsigned int>(c.batch_blocks));
+  cuda_emu::launch(grid, dim3(kThreads), seed, max_cosine_kernel<scalar_t, scalar_t>, p);
+  return c.splits;
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t max_cosine_emu_float(const float* Y, const float* X, const int64_t* sizes,
+                             const int64_t* y_strides, const int64_t* x_strides, int absolute,
+                             int normalize, int64_t target_blocks, int64_t max_batch_blocks,
+                             unsigned int seed, float* values, int64_t* indices) {
+  return run(Y, X, sizes, y_strides, x_strides, absolute, normalize, target_blocks,
+             max_batch_blocks, seed, values, indices);
+}
+
+int64_t max_cosine_emu_double(const double* Y, const double* X, const int64_t* sizes,
+                              const int64_t* y_strides, const int64_t* x_strides, int absolute,
+                              int normalize, int64_t target_blocks, int64_t max_batch_blocks,
+                              unsigned int seed, double* values, int64_t* indices) {
+  return run(Y, X, sizes, y_strides, x_strides, absolute, normalize, target_blocks,
+             max_batch_blocks, seed, values, indices);
+}
+
+}  // extern "C"
