@@ -32,7 +32,7 @@ class DemoConfig:
     out: str = "intruder_ext_demo"
     ranks: tuple = (1, 8, 64)
     epochs: int = 3
-    max_examples: int = 480
+    max_examples: int = 320
     lora_lr: float = 2e-3
     full_lr: float = 5e-5
     batch_size: int = 16
@@ -42,6 +42,8 @@ class DemoConfig:
     mitigation_lambda: float = 0.75
     seed: int = 0
     model_path: str | None = None
+    threads: int = 0  # 0: torch's default
+    cache_dir: str | None = None  # base-spectrum cache (None: the cache's default)
     quiet: bool = False
     results: dict = field(default_factory=dict)
 
@@ -109,16 +111,13 @@ def _train(enc, backbone, head, train_batch, labels, cfg: DemoConfig, lr: float,
         loss.backward()
         opt.step()
     backbone.eval()
-    return float(loss)
+    return loss.item()
 
 
-def _summary(report, epsilon: float) -> dict:
+def _summary(report) -> dict:
     """Per-layer intruder counts and top-k max |cos| from an IntruderReport."""
-    layers = {}
-    for e in report.entries:
-        max_cos = [float(v) for v in e.max_cos]
-        layers[e.name] = {"max_cos": max_cos,
-                          "intruders": [j for j, c in enumerate(max_cos) if c < epsilon]}
+    layers = {m.name: {"max_cos": [float(v) for v in m.max_cos], "intruders": list(m.intruders)}
+              for m in report}
     return {"total_intruders": sum(len(v["intruders"]) for v in layers.values()),
             "layers_with_intruders": sum(bool(v["intruders"]) for v in layers.values()),
             "n_layers": len(layers), "layers": layers}
@@ -137,6 +136,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from . import find_intruders, reduce_intruder_dimension
 
     t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     path = cfg.model_path or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -159,9 +160,15 @@ def run_demo(cfg: DemoConfig) -> dict:
         torch.manual_seed(cfg.seed)
         return nn.Linear(hidden, len(LABELS))
 
-    # Reference: the frozen base model with a trained linear probe (head only).
+    # Reference: a linear probe on the frozen base model's embeddings (head only).
     head = new_head()
-    _train(enc, base, head, train_batch, y_train, cfg, 0.0, "linear probe")
+    train_emb = enc.embed(base, train_batch)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(200):
+        loss = nn.functional.cross_entropy(head(train_emb), y_train)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     results = {"config": {k: (list(v) if isinstance(v, tuple) else v)
                           for k, v in vars(cfg).items() if k not in ("results", "quiet")},
                "model_path": path, "n_train": len(train), "n_test": len(test),
@@ -195,24 +202,27 @@ def run_demo(cfg: DemoConfig) -> dict:
         t0 = time.perf_counter()
         if r is None:
             report = find_intruders(base, backbone, top_k=cfg.top_k, epsilon=cfg.epsilon,
-                                    modules=list(cfg.targets), progress=not cfg.quiet)
+                                    modules=list(cfg.targets), cache_dir=cfg.cache_dir,
+                                    progress=not cfg.quiet)
         else:
             report = find_intruders(backbone, adapter_name="default", top_k=cfg.top_k,
-                                    epsilon=cfg.epsilon, progress=not cfg.quiet)
+                                    epsilon=cfg.epsilon, cache_dir=cfg.cache_dir,
+                                    progress=not cfg.quiet)
         run["detect_seconds"] = round(time.perf_counter() - t0, 3)
-        run["detection"] = _summary(report, cfg.epsilon)
+        run["detection"] = _summary(report)
         if r is not None:
             t0 = time.perf_counter()
             reduce_intruder_dimension(backbone, "default", "intruder_reduced", top_k=cfg.top_k,
                                       threshold_epsilon=cfg.epsilon,
-                                      mitigation_lambda=cfg.mitigation_lambda)
+                                      mitigation_lambda=cfg.mitigation_lambda, logging_sink=None,
+                                      cache_dir=cfg.cache_dir)
             run["mitigate_seconds"] = round(time.perf_counter() - t0, 3)
             run["mitigated"] = {
                 "accuracy": _accuracy(enc, backbone, head, test_batch, y_test),
                 "drift": _drift(base_ood, enc.embed(backbone, ood_batch)),
                 "detection": _summary(find_intruders(
                     backbone, adapter_name="intruder_reduced", top_k=cfg.top_k,
-                    epsilon=cfg.epsilon, progress=False), cfg.epsilon)}
+                    epsilon=cfg.epsilon, cache_dir=cfg.cache_dir, progress=False))}
             backbone.set_adapter("default")
         models[label] = backbone
         results["runs"].append(run)
