@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 
 PROG = "intruder-ext"
 
@@ -36,11 +37,15 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------------------------- loading
-def _offline():
+def _quiet_libraries():
+    """Offline, and without the libraries' deprecation chatter (not actionable by the user)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\b")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft)\b")
     import transformers
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # per-file loading bars: noise around ours
 
 
 def _first_line(exc: BaseException) -> str:
@@ -454,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: argparse prints one line and exits 2
-    _offline()
+    _quiet_libraries()
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"
     try:

@@ -124,6 +124,24 @@ def plot_bars(labels: Sequence[str], values: Sequence[float], ylabel: str, title
     return _save(fig, path)
 
 
+def plot_grouped_bars(labels: Sequence[str], groups: Mapping[str, Sequence[float | None]],
+                      ylabel: str, title: str, path: str) -> str:
+    """Bars grouped per run (e.g. tuned / mitigated); a None value leaves its bar out."""
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(labels) + 1.5), 3.6))
+    width = 0.8 / max(len(groups), 1)
+    for g, (name, values) in enumerate(groups.items()):
+        xs = [i + (g - (len(groups) - 1) / 2) * width for i, v in enumerate(values) if v is not None]
+        vs = [v for v in values if v is not None]
+        bars = ax.bar(xs, vs, width=width, label=name)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def write_markdown(path: str, title: str, sections: Sequence[tuple[str, str]],
                    images: Sequence[tuple[str, str]] = ()) -> str:
     """Markdown report: text sections, then the images (caption, file) linked relative to it."""
