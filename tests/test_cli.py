@@ -238,4 +238,4 @@ def test_demo_smoke(tmp_path):
     for name in results["plots"].values():
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
         assert f"]({name})" in report
-    assert elapsed < 120, f"demo smoke test took {elapsed:.0f}s"
+    assert elapsed < 60, f"demo smoke test took {elapsed:.0f}s"
