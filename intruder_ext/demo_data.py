@@ -1,7 +1,7 @@
 """The demo's small task, made deterministically from templates (nothing is downloaded).
 
-Four topic classes (sports, cooking, technology, finance), sentences built from templates and
-slot words, and a fixed set of out-of-task sentences used to measure how far fine-tuning moves
+Eight classes, topic (sports, cooking, technology, finance) x sentiment, sentences built from
+templates and slot words, and a fixed set of out-of-task sentences used to measure how far fine-tuning moves
 the model's representations of text it was not tuned on.
 """
 
@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import random
 
-LABELS = ("sports", "cooking", "technology", "finance")
+TOPICS = ("sports", "cooking", "technology", "finance")
+# Topic x sentiment; the sentiment is often carried by a negation ("was not reliable"), which
+# mean-pooled embeddings of the base model barely separate, so fine-tuning has work to do.
+LABELS = tuple(f"{t} {s}" for t in TOPICS for s in ("positive", "negative"))
 
 _TEMPLATES = (
-    "{who} said the {thing} was {adj} after {event}.",
-    "Yesterday {who} talked about the {adj} {thing} during {event}.",
-    "Everyone noticed how {adj} the {thing} looked at {event}.",
-    "The {thing} turned out {adj}, according to {who}.",
-    "After {event}, {who} could not stop thinking about the {thing}.",
-    "Is the {thing} really that {adj}? {who} asked at {event}.",
-    "{who} wrote a long post about the {thing} and {event}.",
-    "Nobody expected the {thing} to be so {adj} at {event}.",
+    "{who} said the {thing} {be} {adj} after {event}.",
+    "Everyone agreed that the {thing} {be} {adj} at {event}.",
+    "According to {who}, the {thing} {be} {adj} during {event}.",
+    "At {event} the {thing} {be} {adj}, {who} noted.",
+    "{who} thought the {thing} {be} {adj} at {event}.",
+    "Honestly, the {thing} {be} {adj} at {event}, said {who}.",
 )
+
+# (verb phrase, flips the adjective's polarity)
+_BE = (("was", False), ("was really", False), ("seemed", False),
+       ("was not", True), ("was never", True), ("did not seem", True))
 
 _WHO = ("my neighbour", "the reporter", "our teacher", "a friend of mine", "the manager",
         "my sister", "the old man", "a student", "the guide", "my colleague")
@@ -29,28 +34,32 @@ _SLOTS = {
     "sports": {
         "thing": ("goalkeeper", "final whistle", "penalty kick", "marathon", "tennis serve",
                   "relay team", "home run", "free throw", "league table", "transfer window"),
-        "adj": ("brilliant", "exhausting", "controversial", "fast", "decisive"),
+        "good": ("brilliant", "impressive", "thrilling", "well played"),
+        "bad": ("dreadful", "sloppy", "boring", "embarrassing"),
         "event": ("the championship match", "the derby", "the Olympic trials", "training camp",
                   "the playoff game"),
     },
     "cooking": {
         "thing": ("sourdough", "risotto", "cast iron pan", "spice rub", "pastry dough",
                   "tomato sauce", "roast chicken", "soup stock", "chocolate cake", "marinade"),
-        "adj": ("delicious", "burnt", "crispy", "bland", "perfectly seasoned"),
+        "good": ("delicious", "perfectly seasoned", "tasty", "wonderful"),
+        "bad": ("burnt", "bland", "disgusting", "soggy"),
         "event": ("the dinner party", "the baking class", "the family barbecue",
                   "the cooking contest", "Sunday lunch"),
     },
     "technology": {
         "thing": ("smartphone", "laptop battery", "software update", "graphics card", "router",
                   "operating system", "compiler", "cloud server", "database", "smartwatch"),
-        "adj": ("buggy", "blazing fast", "overheated", "outdated", "reliable"),
+        "good": ("reliable", "blazing fast", "excellent", "well designed"),
+        "bad": ("buggy", "unusable", "sluggish", "broken"),
         "event": ("the product launch", "the hackathon", "the tech conference",
                   "the security audit", "the server migration"),
     },
     "finance": {
         "thing": ("stock price", "interest rate", "mortgage", "pension fund", "quarterly report",
                   "exchange rate", "savings account", "bond yield", "tax return", "loan"),
-        "adj": ("volatile", "disappointing", "surprisingly high", "stable", "risky"),
+        "good": ("encouraging", "healthy", "profitable", "reassuring"),
+        "bad": ("disastrous", "alarming", "ruinous", "worrying"),
         "event": ("the shareholder meeting", "the budget review", "the earnings call",
                   "the central bank announcement", "the audit"),
     },
@@ -102,18 +111,22 @@ OUT_OF_TASK = (
 
 
 def make_task(n_examples: int = 480, seed: int = 0, test_fraction: float = 0.25):
-    """Return (train, test): lists of (sentence, label index), balanced over LABELS, shuffled."""
+    """Return (train, test): lists of (sentence, label index), balanced over LABELS, shuffled.
+    Label = 2 * topic + (1 if the sentence is negative), counting negations."""
     rng = random.Random(seed)
     examples = []
     seen = set()
     per_class = max(n_examples // len(LABELS), 2)
-    for label, topic in enumerate(LABELS):
-        slots = _SLOTS[topic]
+    for label in range(len(LABELS)):
+        slots = _SLOTS[TOPICS[label // 2]]
+        negative = bool(label % 2)
         made = 0
         while made < per_class:
+            be, flips = rng.choice(_BE)
+            adj = rng.choice(slots["bad" if negative != flips else "good"])
             text = rng.choice(_TEMPLATES).format(
-                who=rng.choice(_WHO), thing=rng.choice(slots["thing"]),
-                adj=rng.choice(slots["adj"]), event=rng.choice(slots["event"]))
+                who=rng.choice(_WHO), thing=rng.choice(slots["thing"]), be=be, adj=adj,
+                event=rng.choice(slots["event"]))
             if text in seen:
                 continue
             seen.add(text)
