@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default ./intruder_ext_demo)")
     p.add_argument("--ranks", type=_ranks, default=[1, 8, 64],
                    help="LoRA ranks, comma-separated (default 1,8,64); rsLoRA uses the largest")
-    p.add_argument("--epochs", type=_positive_int, default=3, help="training epochs (3)")
+    p.add_argument("--epochs", type=_positive_int, default=5, help="training epochs (5)")
     p.add_argument("--max-examples", type=_positive_int, default=320,
                    help="task size, train + test (320)")
     p.add_argument("--threads", type=_positive_int, default=None,

@@ -31,7 +31,7 @@ EPSILONS = [round(0.05 * i, 2) for i in range(1, 20)]
 class DemoConfig:
     out: str = "intruder_ext_demo"
     ranks: tuple = (1, 8, 64)
-    epochs: int = 3
+    epochs: int = 5
     max_examples: int = 320
     lora_lr: float = 2e-3
     # rsLoRA's scale alpha/sqrt(r) = 2 sqrt(r) is 16 at r = 64, 8x LoRA's 2: at LoRA's lr it
