@@ -7,6 +7,7 @@ Everything runs offline: HF_HUB_OFFLINE=1 and local_files_only=True for every lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -159,6 +160,15 @@ def _check_full_matches(base, tuned) -> None:
                             f"TUNED but {tuple(base_sd[k].shape)} in BASE")
 
 
+@contextlib.contextmanager
+def _user_errors():
+    """The library raises ValueError for bad arguments (e.g. --modules matching nothing)."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(_first_line(e)) from None
+
+
 def _modules(arg: str | None):
     return [m.strip() for m in arg.split(",") if m.strip()] if arg else None
 
@@ -242,9 +252,10 @@ def cmd_detect(args) -> int:
         raise UserError(f"TUNED {args.tuned!r} is neither a PEFT adapter directory (no "
                         "adapter_config.json) nor a transformers model directory (no config.json)")
     t0 = time.perf_counter()
-    report = find_intruders(model, tuned, adapter_name=adapter, top_k=args.top_k,
-                            epsilon=args.epsilon, modules=_modules(args.modules),
-                            cache_dir=args.cache_dir, progress=not args.quiet)
+    with _user_errors():
+        report = find_intruders(model, tuned, adapter_name=adapter, top_k=args.top_k,
+                                epsilon=args.epsilon, modules=_modules(args.modules),
+                                cache_dir=args.cache_dir, progress=not args.quiet)
     _log(args, f"detection: {len(report)} layers in {time.perf_counter() - t0:.2f}s")
     if not len(report):
         raise UserError("no layers to analyse (check --modules and that TUNED adapts BASE)")
@@ -309,22 +320,21 @@ def cmd_mitigate(args) -> int:
 
 # ---------------------------------------------------------------------------------- cache
 def cmd_cache(args) -> int:
-    import torch
     from tqdm.auto import tqdm
     from .cache import SpectrumCache
+    from .peft_layers import weight_targets
     model = _load_model(args.base, "BASE")
-    wanted = _modules(args.modules)
-    layers = [(n, m.weight) for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear)
-              and (wanted is None or any(n == w or n.endswith("." + w) for w in wanted))]
-    if not layers:
-        raise UserError("no linear layers in BASE match --modules")
+    # The same layers, orientation and dtype as a full fine-tuning detection reads, so that
+    # later detections hit these entries.
+    with _user_errors():
+        layers = weight_targets("cache", model, model, _modules(args.modules))
     cache = SpectrumCache(args.cache_dir)
     t0 = time.perf_counter()
-    for _, weight in tqdm(layers, desc="base spectra", disable=args.quiet):
-        cache.get(weight.detach())
-    _log(args, f"{len(layers)} base spectra in {time.perf_counter() - t0:.1f}s")
-    print(f"cached {len(layers)} base spectra in {args.cache_dir}")
+    for pair in tqdm(layers, desc="base spectra", unit="module", disable=args.quiet):
+        cache.get(pair.weights()[0])
+    _log(args, f"{len(layers)} base spectra in {time.perf_counter() - t0:.1f}s "
+               f"({cache.stats.hits} already cached)")
+    print(f"cached {len(layers)} base spectra in {cache.directory}")
     return 0
 
 
@@ -423,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compute and store the SVD of every linear weight of BASE, "
                                    "so later detections against this base skip it.")
     p.add_argument("base", metavar="BASE", help="base model directory (transformers format)")
-    p.add_argument("--cache-dir", required=True, help="cache directory")
+    p.add_argument("--cache-dir", help="cache directory (default: $INTRUDER_EXT_CACHE_DIR, "
+                                       "else ~/.cache/intruder_ext)")
     p.add_argument("--modules", help="comma-separated module names or suffixes (default: all "
                                      "linear layers)")
     p.set_defaults(func=cmd_cache)
