@@ -239,3 +239,11 @@ def test_demo_smoke(tmp_path):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
         assert f"]({name})" in report
     assert elapsed < 60, f"demo smoke test took {elapsed:.0f}s"
+
+
+def test_modules_matching_nothing(models, tmp_path, capsys):
+    assert_user_error(cli(capsys, "detect", models / "base", models / "adapter", "--modules",
+                          "q_proj", "--cache-dir", tmp_path / "cache"),
+                      "find_intruders: modules ['q_proj'] match no layer")
+    assert_user_error(cli(capsys, "cache", models / "base", "--modules", "q_proj",
+                          "--cache-dir", tmp_path / "cache"), "match no layer")
