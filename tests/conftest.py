@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_llama(seed=0, hidden=64, inter=96, layers=2, dtype=torch.float32):
+def tiny_llama(seed=0, hidden=64, inter=96, layers=1, dtype=torch.float32):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter,
                                    num_hidden_layers=layers, num_attention_heads=4,
@@ -38,8 +38,8 @@ def randomize_lora(model, adapter="default", std=1.0, seed=1):
     return model
 
 
-def lora_llama(r=4, alpha=8, seed=0, std=0.05, targets=LLAMA_TARGETS, **config):
-    model = tiny_llama(seed)
+def lora_llama(r=4, alpha=8, seed=0, std=0.05, targets=LLAMA_TARGETS, layers=1, **config):
+    model = tiny_llama(seed, layers=layers)
     lcfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **config)
     return randomize_lora(peft.get_peft_model(model, lcfg), std=std, seed=seed + 1)
 
