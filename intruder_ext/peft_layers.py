@@ -125,10 +125,10 @@ def check_adapter(func: str, arg: str, peft_model, adapter_name) -> str:
     if not isinstance(adapter_name, str) or adapter_name not in peft_model.peft_config:
         raise ValueError(f"{func}: {arg}={adapter_name!r} is not an adapter of this model "
                          f"(adapters: {adapters})")
-    ptype = str(getattr(peft_model.peft_config[adapter_name], "peft_type", None))
-    if not ptype.endswith("LORA") or ptype.endswith("VBLORA"):
-        raise ValueError(f"{func}: adapter {adapter_name!r} is of type {ptype}; only LoRA "
-                         f"adapters are supported")
+    ptype = getattr(peft_model.peft_config[adapter_name], "peft_type", None)
+    if ptype != "LORA":  # PeftType is a str enum; AdaLoRA, VeRA, ... store other updates
+        raise ValueError(f"{func}: adapter {adapter_name!r} is of type "
+                         f"{getattr(ptype, 'value', ptype)}; only LoRA adapters are supported")
     return adapter_name
 
 
