@@ -9,6 +9,10 @@ from . import _meta  # noqa: F401  (fake implementations for torch.compile / met
 from .ops import MaxCosine, batched_svd, cuda_built, max_cosine
 
 __all__ = ["MaxCosine", "batched_svd", "cuda_built", "max_cosine"]
+from .spectral import (BaseSpectrum, TopK, base_spectrum, dense_topk, lora_topk,  # noqa: E402
+                       lowrank_svd, weight_topk)
+__all__ += ["BaseSpectrum", "TopK", "base_spectrum", "dense_topk", "lora_topk", "lowrank_svd",
+            "weight_topk"]
 __version__ = "0.1.0"
 
 from .detection import find_intruders  # noqa: E402
