@@ -55,6 +55,7 @@ def mitigated_factors(results: list[LayerResult], B_A: dict, mitigation_lambda: 
         Zt = res.top.Vh.index_select(0, idx).to(A.dtype)
         Bf = torch.cat([B, Y * (S * ((mitigation_lambda - 1.0) / res.scale))], dim=1)
         Af = torch.cat([A, Zt], dim=0)
+        # Exact: all r + |I| columns (lowrank_svd returns at most min(m, n) of them).
         keep = res.rank if rank == "peft" else Bf.shape[1]
         key = (tuple(Bf.shape), tuple(Af.shape), Bf.dtype, Bf.device)
         groups.setdefault(key, []).append((res.target.name, Bf, Af, keep))

@@ -11,10 +11,11 @@ def dense_detect(W0: torch.Tensor, W: torch.Tensor, k: int, epsilon: float):
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     cos = (U[:, :k].T @ U0).abs()
     max_cos, argmax = cos.max(dim=1)
-    # How well each singular vector is determined: its distance to the nearest other singular
-    # value, relative to the largest (vectors in a near-tie rotate into each other).
-    gaps = (S[:k, None] - S[None, :]).abs() + torch.eye(k, len(S), dtype=S.dtype) * S[0]
-    gap = gaps.min(dim=1).values / S[0]
+    # How well each singular vector is determined: the distance of its sigma^2 to every other,
+    # relative to sigma_max^2 (the scale of the certificates; Davis-Kahan: angle <= res / gap).
+    mu = S * S
+    gaps = (mu[:k, None] - mu[None, :]).abs() + torch.eye(k, len(S), dtype=S.dtype) * mu[0]
+    gap = gaps.min(dim=1).values / mu[0]
     runner_up = cos.topk(min(2, cos.shape[1]), dim=1).values[:, -1]
     intruders = torch.nonzero(max_cos < epsilon).flatten().tolist()
     return {"sigma": S[:k], "U": U[:, :k], "Vh": Vh[:k], "max_cos": max_cos, "argmax": argmax,
