@@ -9,4 +9,18 @@ from . import _meta  # noqa: F401  (fake implementations for torch.compile / met
 from .ops import MaxCosine, batched_svd, cuda_built, max_cosine
 
 __all__ = ["MaxCosine", "batched_svd", "cuda_built", "max_cosine"]
+from .spectral import (BaseSpectrum, TopK, base_spectrum, dense_topk, lora_topk,  # noqa: E402
+                       lowrank_svd, weight_topk)
+__all__ += ["BaseSpectrum", "TopK", "base_spectrum", "dense_topk", "lora_topk", "lowrank_svd",
+            "weight_topk"]
 __version__ = "0.1.0"
+
+from .detection import find_intruders  # noqa: E402
+from .mitigation import (  # noqa: E402
+    merge_and_unload_with_reduced_intruder_dimensions,
+    reduce_intruder_dimension,
+)
+from .report import IntruderReport, ModuleReport  # noqa: E402
+
+__all__ += ["IntruderReport", "ModuleReport", "find_intruders",
+            "merge_and_unload_with_reduced_intruder_dimensions", "reduce_intruder_dimension"]
