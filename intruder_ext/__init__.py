@@ -4,6 +4,8 @@ Intruder dimensions (Shuttleworth et al., arXiv 2410.21228) are top singular vec
 fine-tuned weight that are nearly orthogonal to every singular vector of the base weight.
 """
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against, first)
+
 from . import _C  # noqa: F401  (loads the compiled ops into torch.ops.intruder_ext)
 from . import _meta  # noqa: F401  (fake implementations for torch.compile / meta tensors)
 from .ops import MaxCosine, batched_svd, cuda_built, max_cosine
