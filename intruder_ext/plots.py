@@ -48,13 +48,13 @@ def plot_similarity(sim: torch.Tensor, title: str, path: str,
     ax.set_xlabel("base singular vector (by rank)")
     ax.set_ylabel("tuned singular vector (by rank)")
     ax.set_title(title, fontsize=9)
-    for j in intruders:
-        if j < sim.shape[0]:
-            ax.annotate("intruder", xy=(sim.shape[1] - 0.5, j), xytext=(sim.shape[1] + 0.5, j),
-                        fontsize=7, color="crimson", va="center", annotation_clip=False)
-            ax.axhline(j, color="crimson", lw=0.6, ls=":")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.18 if len(intruders) else 0.04,
-                 label="|cosine|")
+    rows = [j for j in intruders if j < sim.shape[0]]
+    for j in rows:
+        ax.axhline(j, color="crimson", lw=0.6, ls=":")
+    if rows:  # named in the title: labels on adjacent rows would print on top of each other
+        ax.set_title(f"{title}\nintruders (red dotted rows): {', '.join(map(str, rows))}",
+                     fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="|cosine|")
     return _save(fig, path)
 
 
@@ -105,6 +105,9 @@ def plot_spectrum(s_base: torch.Tensor, s_tuned: torch.Tensor, intruders: Sequen
                    edgecolors="crimson", linewidths=1.5, label="intruder", zorder=3)
     ax.set_xlabel("singular value index")
     ax.set_ylabel("singular value")
+    lo = float(torch.cat([s_base[:n], s_tuned[:n]]).clamp(min=1e-12).min())
+    if float(max(s_base[0], s_tuned[0])) > 50 * lo:  # large intruders would flatten the rest
+        ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
