@@ -184,6 +184,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     models = {}
     for label, r, rslora in specs:
         t0 = time.perf_counter()
+        # LoRA's A is drawn from the global generator: seed each run, so that its result depends
+        # neither on the runs before it nor on what detection consumed.
+        torch.manual_seed(cfg.seed)
         backbone = copy.deepcopy(base)
         if r is None:
             for p in backbone.parameters():
