@@ -299,9 +299,9 @@ def _demo_plots(cfg, results, base, models) -> dict:
         "1 - mean cos(base, tuned)", "Drift on out-of-task sentences (forgetting)",
         os.path.join(out, "drift.png"))
 
-    # Layer views: the layer of the lowest-rank LoRA run with the most intruders, shown for
-    # that run and for full fine-tuning.
-    first = lora[0]
+    # Layer views: the LoRA run with the most intruders, its layer with the most intruders,
+    # shown for that run and for full fine-tuning.
+    first = max(lora, key=lambda r: r["detection"]["total_intruders"])
     layer_items = list(first["detection"]["layers"].items())
     files["per_layer"] = plots.plot_counts_per_layer(
         [n.split("encoder.")[-1] for n, _ in layer_items],
@@ -367,10 +367,10 @@ def _write_report(cfg, results):
         "count_vs_epsilon": "Intruder count against epsilon",
         "accuracy": "Task accuracy before and after mitigation",
         "drift": "Forgetting: drift on out-of-task text",
-        "per_layer": "Intruders per layer (lowest-rank LoRA)",
-        "heatmap_lora": "Similarity |U_tuned^T U_base|, lowest-rank LoRA",
+        "per_layer": "Intruders per layer (the LoRA run with the most intruders)",
+        "heatmap_lora": "Similarity |U_tuned^T U_base|, the LoRA run with the most intruders",
         "heatmap_full": "Similarity |U_tuned^T U_base|, full fine-tuning (same layer)",
-        "spectrum_lora": "Spectrum of W and W0, lowest-rank LoRA",
+        "spectrum_lora": "Spectrum of W and W0, the LoRA run with the most intruders",
         "spectrum_full": "Spectrum of W and W0, full fine-tuning",
     }
     plots.write_markdown(
