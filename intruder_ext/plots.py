@@ -1,0 +1,170 @@
+"""Plots (matplotlib, PNG, Agg backend) and the Markdown report that embeds them.
+
+Everything here draws from plain numbers (lists, tensors); nothing depends on how they were
+computed. The one computation done here is the similarity matrix of a few chosen layers, which
+needs full singular vectors and is affordable for a handful of layers only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only, safe on servers and in tests
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def similarity_matrix(W0: torch.Tensor, W: torch.Tensor, k: int = 32) -> torch.Tensor:
+    """|U_W[:, :k]^T U_W0[:, :k]|: cosine between the top-k left singular vectors of W and W0."""
+    if W0.shape != W.shape:
+        raise ValueError(f"similarity_matrix: W0 and W must have the same shape "
+                         f"(got {tuple(W0.shape)} and {tuple(W.shape)})")
+    U0 = torch.linalg.svd(W0.detach().double(), full_matrices=False).U
+    U = torch.linalg.svd(W.detach().double(), full_matrices=False).U
+    k = min(k, U.shape[1])
+    return (U[:, :k].T @ U0[:, :k]).abs().float()
+
+
+def singular_values(W: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(W.detach().double()).float()
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_similarity(sim: torch.Tensor, title: str, path: str,
+                    intruders: Sequence[int] = ()) -> str:
+    """Heatmap of |U_tuned^T U_base|; rows of intruders are marked on the y axis."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    im = ax.imshow(sim.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("base singular vector (by rank)")
+    ax.set_ylabel("tuned singular vector (by rank)")
+    ax.set_title(title, fontsize=9)
+    rows = [j for j in intruders if j < sim.shape[0]]
+    for j in rows:
+        ax.axhline(j, color="crimson", lw=0.6, ls=":")
+    if rows:  # named in the title: labels on adjacent rows would print on top of each other
+        ax.set_title(f"{title}\nintruders (red dotted rows): {', '.join(map(str, rows))}",
+                     fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="|cosine|")
+    return _save(fig, path)
+
+
+def plot_counts_per_layer(names: Sequence[str], counts: Sequence[int], title: str,
+                          path: str) -> str:
+    """Bar chart: number of intruders among the top-k of each layer."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.32 * len(names) + 1.5), 3.8))
+    ax.bar(range(len(names)), counts, color="tab:red")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("intruders in top-k")
+    ax.set_title(title, fontsize=9)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    return _save(fig, path)
+
+
+def count_vs_epsilon(max_cos_per_layer: Iterable[Sequence[float]],
+                     epsilons: Sequence[float]) -> list[int]:
+    """Total intruders over layers for each epsilon, from each layer's top-k max |cos|."""
+    values = [float(v) for layer in max_cos_per_layer for v in layer]
+    return [sum(v < eps for v in values) for eps in epsilons]
+
+
+def plot_count_vs_epsilon(series: Mapping[str, Sequence[int]], epsilons: Sequence[float],
+                          title: str, path: str) -> str:
+    """One line per run: total intruder count against the threshold epsilon."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for label, counts in series.items():
+        ax.plot(epsilons, counts, marker="o", ms=3, label=label)
+    ax.set_xlabel("epsilon (intruder if max |cos| < epsilon)")
+    ax.set_ylabel("intruders, all layers")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_spectrum(s_base: torch.Tensor, s_tuned: torch.Tensor, intruders: Sequence[int],
+                  title: str, path: str, n: int = 40) -> str:
+    """Leading singular values of W0 and W; intruders (indices into W's spectrum) marked."""
+    n = min(n, s_base.numel(), s_tuned.numel())
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    ax.plot(range(n), s_base[:n].numpy(), "o-", ms=3, color="tab:blue", label="W0 (base)")
+    ax.plot(range(n), s_tuned[:n].numpy(), "s-", ms=3, color="tab:orange", label="W (tuned)")
+    marked = [j for j in intruders if j < n]
+    if marked:
+        ax.scatter(marked, s_tuned[marked].numpy(), s=90, facecolors="none",
+                   edgecolors="crimson", linewidths=1.5, label="intruder", zorder=3)
+    ax.set_xlabel("singular value index")
+    ax.set_ylabel("singular value")
+    lo = float(torch.cat([s_base[:n], s_tuned[:n]]).clamp(min=1e-12).min())
+    if float(max(s_base[0], s_tuned[0])) > 50 * lo:  # large intruders would flatten the rest
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_bars(labels: Sequence[str], values: Sequence[float], ylabel: str, title: str,
+              path: str, color: str = "tab:purple") -> str:
+    """Generic labelled bar chart (one bar per run)."""
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(labels) + 1.5), 3.6))
+    bars = ax.bar(range(len(labels)), values, color=color)
+    ax.bar_label(bars, fmt="%g", fontsize=7)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_grouped_bars(labels: Sequence[str], groups: Mapping[str, Sequence[float | None]],
+                      ylabel: str, title: str, path: str) -> str:
+    """Bars grouped per run (e.g. tuned / mitigated); a None value leaves its bar out."""
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(labels) + 1.5), 3.6))
+    width = 0.8 / max(len(groups), 1)
+    for g, (name, values) in enumerate(groups.items()):
+        xs = [i + (g - (len(groups) - 1) / 2) * width for i, v in enumerate(values) if v is not None]
+        vs = [v for v in values if v is not None]
+        bars = ax.bar(xs, vs, width=width, label=name)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def write_markdown(path: str, title: str, sections: Sequence[tuple[str, str]],
+                   images: Sequence[tuple[str, str]] = ()) -> str:
+    """Markdown report: text sections, then the images (caption, file) linked relative to it."""
+    base = os.path.dirname(os.path.abspath(path))
+    lines = [f"# {title}", ""]
+    for heading, body in sections:
+        lines += [f"## {heading}", "", body.rstrip(), ""]
+    if images:
+        lines += ["## Plots", ""]
+        for caption, image in images:
+            rel = os.path.relpath(os.path.abspath(image), base).replace(os.sep, "/")
+            lines += [f"### {caption}", "", f"![{caption}]({rel})", ""]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(out)
