@@ -1,0 +1,300 @@
+"""Spectral engine: lowrank_svd, certified top-k (structured, subspace, dense) against the
+two-SVD float64 reference of the same float32 inputs."""
+
+import pytest
+import torch
+from reference import lowrank_svd_reference, two_svd_topk
+
+from intruder_ext.spectral import (BaseSpectrum, base_spectrum, dense_topk, lora_topk,
+                                   lowrank_svd, weight_topk)
+
+K = 10
+EPS = 0.5
+
+
+def orthonormal(rows, cols, gen):
+    return torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64))[0]
+
+
+def spectrum_matrix(m, n, S, gen):
+    """float32 matrix with singular values S and random orthogonal factors (built in float64)."""
+    p = min(m, n)
+    return ((orthonormal(m, p, gen) * S) @ orthonormal(n, p, gen).T).float()
+
+
+def decaying(p, top=10.0):
+    # A steep top (relative gaps of several percent) over a linear bulk whose absolute gaps
+    # (2/p) keep every base singular vector resolvable in float32: the float32 answers can then
+    # meet the float64 reference to 1e-4. (Gaps of 1% at the top already put a float32 dense
+    # SVD's own error near 1e-4: the base's float32 backward error, ~sqrt(p) ulps, over the gap.)
+    i = torch.arange(p, dtype=torch.float64)
+    return top * torch.exp(-i / 8) + 2 * (1 - i / p) + 0.5
+
+
+def lora_case(m, n, r, scale, seed, S0=None):
+    """W0 with spectrum S0 and a LoRA whose first half of B leans on W0's top directions (those
+    columns do not intrude) and second half is random (those do, once scale is large)."""
+    gen = torch.Generator().manual_seed(seed)
+    p = min(m, n)
+    S0 = decaying(p) if S0 is None else S0
+    W0 = spectrum_matrix(m, n, S0, gen)
+    U0 = torch.linalg.svd(W0.double(), full_matrices=False)[0]
+    B = torch.randn(m, r, generator=gen, dtype=torch.float64) / m ** 0.5
+    half = r // 2
+    B[:, :half] += 3 * U0[:, torch.randperm(max(8, half), generator=gen)[:half]]
+    A = torch.randn(r, n, generator=gen, dtype=torch.float64) / n ** 0.5
+    return W0, B.float(), A.float(), scale
+
+
+def assert_matches_reference(topk, W0, W, k=K, cos_tol=1e-4, sigma_tol=1e-5):
+    sigma, _, max_cos, _ = two_svd_topk(W0, W, k)
+    assert topk.sigma.shape == (k,) and topk.max_cos.shape == (k,)
+    torch.testing.assert_close(topk.sigma.double(), sigma, rtol=sigma_tol, atol=0)
+    torch.testing.assert_close(topk.max_cos.double(), max_cos, rtol=0, atol=cos_tol)
+    # Same intruder set, except for values within the tolerance of epsilon itself.
+    near = (max_cos - EPS).abs() < cos_tol
+    assert torch.equal((topk.max_cos.double() < EPS)[~near], (max_cos < EPS)[~near])
+    return max_cos
+
+
+def assert_genuine_triplets(topk, W, tol=2e-5):
+    """U orthonormal, W^T U = Vh^T diag(sigma), and the returned certificate is honest."""
+    k = topk.sigma.shape[0]
+    eye = torch.eye(k, dtype=topk.U.dtype)
+    torch.testing.assert_close(topk.U.mT @ topk.U, eye, atol=tol, rtol=0)
+    torch.testing.assert_close(topk.Vh @ topk.Vh.mT, eye, atol=tol, rtol=0)
+    Wd = W.double()
+    torch.testing.assert_close(Wd.mT @ topk.U.double(), topk.Vh.double().mT * topk.sigma.double(),
+                               atol=tol * float(topk.sigma[0]), rtol=0)
+    assert bool((topk.sigma[:-1] >= topk.sigma[1:]).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# lowrank_svd
+
+@pytest.mark.parametrize("shape", [(40, 30, 5), (30, 40, 5), (20, 25, 32), (50, 50, 1)])
+@pytest.mark.parametrize("batch", [(), (3,), (2, 2)])
+def test_lowrank_svd_matches_dense_svd(shape, batch):
+    m, n, r = shape
+    gen = torch.Generator().manual_seed(1)
+    B = torch.randn(*batch, m, r, generator=gen)
+    A = torch.randn(*batch, r, n, generator=gen)
+    U, S, Vh = lowrank_svd(B, A, scale=-0.7)
+    _, S_ref, _ = lowrank_svd_reference(B, A, -0.7)
+    p = min(m, n, r)
+    assert U.shape == (*batch, m, p) and S.shape == (*batch, p) and Vh.shape == (*batch, p, n)
+    torch.testing.assert_close(S.double(), S_ref, rtol=1e-5, atol=1e-5 * float(S_ref.max()))
+    torch.testing.assert_close((U * S[..., None, :]) @ Vh, -0.7 * B @ A, rtol=0, atol=1e-4)
+    torch.testing.assert_close(U.mT @ U, torch.eye(p).expand(*batch, p, p), atol=1e-5, rtol=0)
+
+
+def test_lowrank_svd_rank_deficient_broadcast_and_half_inputs():
+    gen = torch.Generator().manual_seed(2)
+    B = torch.randn(30, 4, generator=gen)
+    B = torch.cat([B, B[:, :2]], dim=1)  # rank 4 of 6
+    A = torch.randn(3, 6, 20, generator=gen)  # batch of 3 sharing one B
+    U, S, Vh = lowrank_svd(B.bfloat16(), A.bfloat16())
+    assert U.dtype == torch.float32 and U.shape == (3, 30, 6)
+    _, S_ref, _ = lowrank_svd_reference(B.bfloat16().float(), A.bfloat16().float())
+    torch.testing.assert_close(S.double(), S_ref, rtol=0, atol=1e-4 * float(S_ref.max()))
+    assert float(S[..., 4:].abs().max()) < 1e-4 * float(S.max())
+
+
+def test_lowrank_svd_errors():
+    B, A = torch.randn(8, 3), torch.randn(4, 5)
+    with pytest.raises(ValueError, match=r"lowrank_svd: B \(\.\.\., m, r\) and A \(\.\.\., r, n\) "
+                                         r"must share r \(got B \(8, 3\) and A \(4, 5\)\)"):
+        lowrank_svd(B, A)
+    with pytest.raises(ValueError, match=r"lowrank_svd: A must have at least 2 dims \(got shape \(5,\)\)"):
+        lowrank_svd(B, torch.randn(5))
+    with pytest.raises(TypeError, match="lowrank_svd: B must be a floating-point tensor"):
+        lowrank_svd(torch.ones(8, 3, dtype=torch.int64), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="lowrank_svd: batch dims of B and A do not broadcast"):
+        lowrank_svd(torch.randn(2, 8, 3), torch.randn(3, 3, 5))
+    with pytest.raises(ValueError, match=r"lowrank_svd: scale must be a finite number \(got nan\)"):
+        lowrank_svd(B, torch.randn(3, 5), scale=float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_topk against the two-SVD reference
+
+SHAPES = {"square": (384, 384), "wide": (300, 520), "tall": (520, 300)}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("r", [1, 4, 16, 64])
+@pytest.mark.parametrize("scale", [0.3, 6.0])
+def test_lora_topk_matches_two_svd_reference(shape, r, scale):
+    m, n = SHAPES[shape]
+    W0, B, A, s = lora_case(m, n, r, scale, seed=r)
+    base = base_spectrum(W0)
+    topk = lora_topk(base, B, A, s, K, on_failure="raise")
+    assert topk.method == "structured" and topk.converged
+    W = W0 + s * (B @ A)
+    assert float(topk.residual.max()) <= 1e-5
+    assert_matches_reference(topk, W0, W)
+    assert_genuine_triplets(topk, W)
+
+
+def test_lora_cases_have_varied_intruders():
+    """The reference cases above are meaningful: none, some and many intruders occur."""
+    counts = set()
+    for r, scale in [(4, 0.3), (16, 6.0), (64, 6.0), (4, 6.0)]:
+        W0, B, A, s = lora_case(384, 384, r, scale, seed=r)
+        counts.add(int((two_svd_topk(W0, W0 + s * B @ A, K)[2] < EPS).sum()))
+    assert 0 in counts and any(0 < c < K for c in counts) and len(counts) >= 3
+
+
+def test_lora_topk_small_problem_uses_exact_eigh():
+    W0, B, A, s = lora_case(48, 40, 8, 4.0, seed=3)
+    topk = lora_topk(base_spectrum(W0), B, A, s, 6)
+    assert topk.method == "structured" and topk.converged
+    assert_matches_reference(topk, W0, W0 + s * B @ A, k=6)
+
+
+def test_lora_topk_near_equal_top_spectrum():
+    # Top 16 singular values within 0.2% of each other (gaps 1e-4 relative), k-th boundary inside.
+    p = 400
+    S0 = decaying(p, top=4.0)
+    S0[:16] = 10 * (1 - 1e-4 * torch.arange(16, dtype=torch.float64))
+    W0, B, A, s = lora_case(p, p, 4, 0.05, seed=5, S0=S0)
+    W = W0 + s * (B @ A)
+    topk = lora_topk(base_spectrum(W0), B, A, s, K, block=24, on_failure="raise")
+    assert topk.converged
+    sigma, U_ref, _, _ = two_svd_topk(W0, W, K)
+    torch.testing.assert_close(topk.sigma.double(), sigma, rtol=1e-5, atol=0)
+    assert_genuine_triplets(topk, W)
+    # Individual vectors in a cluster are ill-conditioned; the top-k subspace is not (gap to 17+).
+    overlap = torch.linalg.svdvals(U_ref.mT @ topk.U.double())
+    assert float(overlap.min()) > 1 - 1e-4
+
+
+def test_lora_topk_close_top_spectrum_vectors():
+    # Relative gaps of 1% at the top: individual vectors are well defined and must match.
+    p = 400
+    S0 = decaying(p, top=4.0)
+    S0[:14] = 10 * (1 - 1e-2 * torch.arange(14, dtype=torch.float64))
+    W0, B, A, s = lora_case(p, p, 8, 0.5, seed=6, S0=S0)
+    topk = lora_topk(base_spectrum(W0), B, A, s, K, on_failure="raise")
+    assert_matches_reference(topk, W0, W0 + s * B @ A)
+
+
+def test_lora_topk_zero_adapter_returns_base_top():
+    W0, B, A, s = lora_case(300, 300, 8, 1.0, seed=7)
+    base = base_spectrum(W0)
+    topk = lora_topk(base, torch.zeros_like(B), A, s, K)
+    torch.testing.assert_close(topk.sigma, base.S[:K], rtol=1e-5, atol=0)
+    torch.testing.assert_close(topk.max_cos, torch.ones(K), atol=1e-4, rtol=0)
+    assert torch.equal(topk.argmax, torch.arange(K))
+
+
+def test_lora_topk_float64():
+    W0, B, A, s = lora_case(320, 280, 16, 5.0, seed=8)
+    topk = lora_topk(base_spectrum(W0, dtype=torch.float64), B, A, s, K)
+    assert topk.sigma.dtype == torch.float64 and float(topk.residual.max()) <= 1e-11
+    assert_matches_reference(topk, W0, W0 + s * B.double() @ A.double(), cos_tol=1e-9, sigma_tol=1e-10)
+
+
+def test_lora_topk_failure_raises_or_falls_back():
+    W0, B, A, s = lora_case(384, 384, 16, 6.0, seed=9)
+    base = base_spectrum(W0)
+    with pytest.raises(RuntimeError, match=r"lora_topk: top-10 did not converge: largest residual "
+                                           r"[0-9.e+-]+ > tol 1e-12 after max_iter=1 iterations"):
+        lora_topk(base, B, A, s, K, tol=1e-12, max_iter=1, on_failure="raise")
+    with pytest.warns(RuntimeWarning, match="lora_topk: top-10 did not converge.*falling back to a dense SVD"):
+        topk = lora_topk(base, B, A, s, K, tol=1e-12, max_iter=1)
+    assert topk.method == "dense"
+    assert_matches_reference(topk, W0, W0 + s * B @ A)
+
+
+def test_lora_topk_errors():
+    W0, B, A, s = lora_case(64, 48, 4, 1.0, seed=10)
+    base = base_spectrum(W0)
+    with pytest.raises(ValueError, match=r"lora_topk: B must be \(m, r\) and A \(r, n\) with \(m, n\) = "
+                                         r"\(64, 48\) the base weight's shape \(got B \(48, 4\) and A \(4, 48\)\)"):
+        lora_topk(base, B[:48], A, s, 3)
+    with pytest.raises(ValueError, match=r"lora_topk: k must be in \[1, min\(m, n\)\] = \[1, 48\] \(got 49\)"):
+        lora_topk(base, B, A, s, 49)
+    with pytest.raises(ValueError, match=r"lora_topk: on_failure must be 'dense' or 'raise' \(got 'ignore'\)"):
+        lora_topk(base, B, A, s, 3, on_failure="ignore")
+    with pytest.raises(ValueError, match=r"lora_topk: tol must be a positive number \(got -1\)"):
+        lora_topk(base, B, A, s, 3, tol=-1)
+    with pytest.raises(ValueError, match=r"lora_topk: max_iter must be a positive int \(got 0\)"):
+        lora_topk(base, B, A, s, 3, max_iter=0)
+    with pytest.raises(ValueError, match=r"lora_topk: scale must be a finite number \(got inf\)"):
+        lora_topk(base, B, A, float("inf"), 3)
+    with pytest.raises(TypeError, match=r"lora_topk: base must be a BaseSpectrum \(got Tensor\)"):
+        lora_topk(W0, B, A, s, 3)
+    with pytest.raises(ValueError, match=r"lora_topk: A must be 2-D \(got shape \(1, 4, 48\)\)"):
+        lora_topk(base, B, A[None], s, 3)
+    half = BaseSpectrum(base.U.half(), base.S.half(), base.Vh.half())
+    with pytest.raises(TypeError, match=r"lora_topk: dtype must be torch.float32 or torch.float64 "
+                                        r"\(got torch.float16\)"):
+        lora_topk(half, B, A, s, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# weight_topk (general path) and dense_topk
+
+def full_finetune_case(m, n, seed):
+    """A 'fully fine-tuned' W: W0 plus dense noise plus two strong new directions."""
+    gen = torch.Generator().manual_seed(seed)
+    p = min(m, n)
+    W0 = spectrum_matrix(m, n, decaying(p), gen)
+    noise = 0.02 * torch.randn(m, n, generator=gen)
+    spikes = 25 * torch.randn(m, 2, generator=gen) @ torch.randn(2, n, generator=gen) / (m * n) ** 0.5
+    return W0, W0 + noise + spikes
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_weight_topk_matches_two_svd_reference(shape):
+    m, n = SHAPES[shape]
+    W0, W = full_finetune_case(m, n, seed=11)
+    base = base_spectrum(W0)
+    topk = weight_topk(W, base, K, on_failure="raise")
+    assert topk.method == "subspace" and topk.converged
+    max_cos = assert_matches_reference(topk, W0, W)
+    assert 0 < int((max_cos < EPS).sum()) < K
+    assert_genuine_triplets(topk, W)
+
+
+def test_weight_topk_failure_and_errors():
+    W0, W = full_finetune_case(300, 300, seed=12)
+    base = base_spectrum(W0)
+    with pytest.raises(RuntimeError, match=r"weight_topk: top-10 did not converge: largest residual .* "
+                                           r"> tol 1e-12 after max_iter=1 iterations"):
+        weight_topk(W, base, K, tol=1e-12, max_iter=1, on_failure="raise")
+    with pytest.warns(RuntimeWarning, match="weight_topk: .*falling back to a dense SVD"):
+        assert weight_topk(W, base, K, tol=1e-12, max_iter=1).method == "dense"
+    with pytest.raises(ValueError, match=r"weight_topk: W must have the base weight's shape \(300, 300\) "
+                                         r"\(got \(300, 299\)\)"):
+        weight_topk(W[:, :299], base, K)
+    with pytest.raises(ValueError, match=r"weight_topk: block must be a positive int \(got 0\)"):
+        weight_topk(W, base, K, block=0)
+
+
+def test_dense_topk_matches_reference():
+    W0, W = full_finetune_case(200, 150, seed=13)
+    topk = dense_topk(W, base_spectrum(W0), K)
+    assert topk.method == "dense"
+    assert_matches_reference(topk, W0, W)
+    assert_genuine_triplets(topk, W)
+    with pytest.raises(ValueError, match=r"dense_topk: k must be in \[1, min\(m, n\)\] = \[1, 150\] \(got 0\)"):
+        dense_topk(W, base_spectrum(W0), 0)
+
+
+def test_base_spectrum_errors_and_dtype():
+    W0 = torch.randn(20, 30, dtype=torch.float64)
+    base = base_spectrum(W0)
+    assert base.dtype == torch.float32 and base.shape == (20, 30)
+    assert base.U.shape == (20, 20) and base.S.shape == (20,) and base.Vh.shape == (20, 30)
+    torch.testing.assert_close(base.weight().double(), W0, atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match=r"base_spectrum: dtype must be torch.float32 or torch.float64 "
+                                        r"\(got torch.bfloat16\)"):
+        base_spectrum(W0, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"base_spectrum: W0 must be 2-D \(got shape \(2, 20, 30\)\)"):
+        base_spectrum(W0.expand(2, 20, 30))
+    bad = W0.clone()
+    bad[3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"base_spectrum: W0 has non-finite entries"):
+        base_spectrum(bad)
