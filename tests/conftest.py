@@ -1,15 +1,14 @@
-"""Tiny PEFT models built from configs (nothing is downloaded)."""
+"""Shared test helpers: tiny PEFT models built from configs (nothing is downloaded)."""
 
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def tiny_llama(seed=0, hidden=64, inter=96, layers=1, dtype=torch.float32):
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter,
                                    num_hidden_layers=layers, num_attention_heads=4,
@@ -18,6 +17,7 @@ def tiny_llama(seed=0, hidden=64, inter=96, layers=1, dtype=torch.float32):
 
 
 def tiny_gpt2(seed=0):
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(n_embd=48, n_layer=1, n_head=4, vocab_size=61, n_positions=32)
     return transformers.GPT2Model(cfg).eval()
@@ -39,6 +39,7 @@ def randomize_lora(model, adapter="default", std=1.0, seed=1):
 
 
 def lora_llama(r=4, alpha=8, seed=0, std=0.05, targets=LLAMA_TARGETS, layers=1, **config):
+    peft = pytest.importorskip("peft")
     model = tiny_llama(seed, layers=layers)
     lcfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **config)
     return randomize_lora(peft.get_peft_model(model, lcfg), std=std, seed=seed + 1)
