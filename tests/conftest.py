@@ -57,6 +57,12 @@ def lora_llama(r=4, alpha=8, seed=0, std=0.05, targets=LLAMA_TARGETS, layers=1, 
     return randomize_lora(peft.get_peft_model(model, lcfg), std=std, seed=seed + 1)
 
 
+@pytest.fixture(autouse=True)
+def _private_spectrum_cache(tmp_path, monkeypatch):
+    """cache_dir=None means the default cache directory: keep it out of the home directory."""
+    monkeypatch.setenv("INTRUDER_EXT_CACHE_DIR", str(tmp_path / "spectra"))
+
+
 @pytest.fixture
 def llama_lora():
     return lora_llama()

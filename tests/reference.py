@@ -19,6 +19,29 @@ def max_cosine_reference(Y, X, absolute=True, normalize=True):
     return values, indices
 
 
+# --- spectral engine (intruder_ext.spectral) ---------------------------------------------------
+
+def two_svd_topk(W0, W, k, dtype=torch.float64):
+    """The two-SVD intruder reference (as in the paper's code): full SVDs of ``W0`` and ``W``, then
+    the top-k left singular vectors of ``W`` against all of ``W0``'s.
+
+    Returns ``(sigma, U, max_cos, argmax)``: (k,), (m, k), (k,), (k,).
+    """
+    U0 = torch.linalg.svd(W0.to(dtype), full_matrices=False)[0]
+    U, S, _ = torch.linalg.svd(W.to(dtype), full_matrices=False)
+    max_cos, argmax = (U[:, :k].mT @ U0).abs().max(dim=1)
+    return S[:k], U[:, :k], max_cos, argmax
+
+
+def lowrank_svd_reference(B, A, scale=1.0):
+    """Thin SVD of the dense product ``scale * B @ A`` in float64, truncated to min(m, n, r)."""
+    r = min(B.shape[-2], A.shape[-1], B.shape[-1])
+    U, S, Vh = torch.linalg.svd(scale * (B.double() @ A.double()), full_matrices=False)
+    return U[..., :r], S[..., :r], Vh[..., :r, :]
+
+
+# --- PEFT detection and mitigation (intruder_ext.detection, intruder_ext.mitigation) --------
+
 def dense_detect(W0: torch.Tensor, W: torch.Tensor, k: int, epsilon: float):
     """Top-k of ``W`` against all left singular vectors of ``W0`` the way the paper's code does
     it: two full SVDs and the k x p |cosine| matrix. Returns a dict of float64 tensors."""
@@ -45,24 +68,3 @@ def dense_mitigated_delta(W0, B, A, scale, k, epsilon, lam):
     d = dense_detect(W0, W, k, epsilon)
     I = d["intruders"]
     return W + (lam - 1) * (d["U"][:, I] * d["sigma"][I]) @ d["Vh"][I] - W0, I
-
-
-# --- spectral engine (intruder_ext.spectral) ---------------------------------------------------
-
-def two_svd_topk(W0, W, k, dtype=torch.float64):
-    """The two-SVD intruder reference (as in the paper's code): full SVDs of ``W0`` and ``W``, then
-    the top-k left singular vectors of ``W`` against all of ``W0``'s.
-
-    Returns ``(sigma, U, max_cos, argmax)``: (k,), (m, k), (k,), (k,).
-    """
-    U0 = torch.linalg.svd(W0.to(dtype), full_matrices=False)[0]
-    U, S, _ = torch.linalg.svd(W.to(dtype), full_matrices=False)
-    max_cos, argmax = (U[:, :k].mT @ U0).abs().max(dim=1)
-    return S[:k], U[:, :k], max_cos, argmax
-
-
-def lowrank_svd_reference(B, A, scale=1.0):
-    """Thin SVD of the dense product ``scale * B @ A`` in float64, truncated to min(m, n, r)."""
-    r = min(B.shape[-2], A.shape[-1], B.shape[-1])
-    U, S, Vh = torch.linalg.svd(scale * (B.double() @ A.double()), full_matrices=False)
-    return U[..., :r], S[..., :r], Vh[..., :r, :]
