@@ -11,6 +11,7 @@ from .ops import MaxCosine, batched_svd, cuda_built, max_cosine
 __all__ = ["MaxCosine", "batched_svd", "cuda_built", "max_cosine"]
 from .spectral import (BaseSpectrum, TopK, base_spectrum, dense_topk, lora_topk,  # noqa: E402
                        lowrank_svd, weight_topk)
-__all__ += ["BaseSpectrum", "TopK", "base_spectrum", "dense_topk", "lora_topk", "lowrank_svd",
-            "weight_topk"]
+from .cache import SpectrumCache  # noqa: E402
+__all__ += ["BaseSpectrum", "SpectrumCache", "TopK", "base_spectrum", "dense_topk", "lora_topk",
+            "lowrank_svd", "weight_topk"]
 __version__ = "0.1.0"
