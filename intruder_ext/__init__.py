@@ -15,6 +15,7 @@ except ImportError as error:  # the usual cause: importing the source tree, whic
         "from outside the source tree, or build in place with `python setup.py build_ext --inplace`."
     ) from error
 from . import _meta  # noqa: F401  (fake implementations for torch.compile / meta tensors)
+from .cache import SpectrumCache
 from .detection import find_intruders
 from .mitigation import merge_and_unload_with_reduced_intruder_dimensions, reduce_intruder_dimension
 from .ops import MaxCosine, batched_svd, cuda_built, max_cosine
@@ -23,9 +24,9 @@ from .spectral import (BaseSpectrum, TopK, base_spectrum, dense_topk, lora_topk,
                        weight_topk)
 
 __all__ = [
-    "BaseSpectrum", "IntruderReport", "MaxCosine", "ModuleReport", "TopK", "base_spectrum",
-    "batched_svd", "cuda_built", "dense_topk", "find_intruders", "lora_topk", "lowrank_svd",
-    "max_cosine", "merge_and_unload_with_reduced_intruder_dimensions",
+    "BaseSpectrum", "IntruderReport", "MaxCosine", "ModuleReport", "SpectrumCache", "TopK",
+    "base_spectrum", "batched_svd", "cuda_built", "dense_topk", "find_intruders", "lora_topk",
+    "lowrank_svd", "max_cosine", "merge_and_unload_with_reduced_intruder_dimensions",
     "reduce_intruder_dimension", "weight_topk",
 ]
 __version__ = "0.1.0"

@@ -17,9 +17,11 @@ def orthonormal(rows, cols, gen):
 
 
 def spectrum_matrix(m, n, S, gen):
-    """float32 matrix with singular values S and random orthogonal factors (built in float64)."""
+    """float32 matrix with singular values S and random orthogonal factors (built in float64);
+    also returns the left factor."""
     p = min(m, n)
-    return ((orthonormal(m, p, gen) * S) @ orthonormal(n, p, gen).T).float()
+    U = orthonormal(m, p, gen)
+    return ((U * S) @ orthonormal(n, p, gen).T).float(), U
 
 
 def decaying(p, top=10.0):
@@ -37,8 +39,7 @@ def lora_case(m, n, r, scale, seed, S0=None):
     gen = torch.Generator().manual_seed(seed)
     p = min(m, n)
     S0 = decaying(p) if S0 is None else S0
-    W0 = spectrum_matrix(m, n, S0, gen)
-    U0 = torch.linalg.svd(W0.double(), full_matrices=False)[0]
+    W0, U0 = spectrum_matrix(m, n, S0, gen)
     B = torch.randn(m, r, generator=gen, dtype=torch.float64) / m ** 0.5
     half = r // 2
     B[:, :half] += 3 * U0[:, torch.randperm(max(8, half), generator=gen)[:half]]
@@ -122,7 +123,7 @@ SHAPES = {"square": (384, 384), "wide": (300, 520), "tall": (520, 300)}
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("r", [1, 4, 16, 64])
+@pytest.mark.parametrize("r", [1, 16, 64])
 @pytest.mark.parametrize("scale", [0.3, 6.0])
 def test_lora_topk_matches_two_svd_reference(shape, r, scale):
     m, n = SHAPES[shape]
@@ -240,7 +241,7 @@ def full_finetune_case(m, n, seed):
     """A 'fully fine-tuned' W: W0 plus dense noise plus two strong new directions."""
     gen = torch.Generator().manual_seed(seed)
     p = min(m, n)
-    W0 = spectrum_matrix(m, n, decaying(p), gen)
+    W0, _ = spectrum_matrix(m, n, decaying(p), gen)
     noise = 0.02 * torch.randn(m, n, generator=gen)
     spikes = 25 * torch.randn(m, 2, generator=gen) @ torch.randn(2, n, generator=gen) / (m * n) ** 0.5
     return W0, W0 + noise + spikes
