@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -361,14 +362,40 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _unit_float(text: str) -> float:
+def _number(text: str, expected: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def _epsilon(text: str) -> float:
+    expected = "a number in (0, 1]"
+    if not 0.0 < _number(text, expected) <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return float(text)
+
+
+def _lambda(text: str) -> float:
+    expected = "a number >= 0"
+    if _number(text, expected) < 0.0:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return float(text)
+
+
+def _top_k(text: str):
+    """An int >= 1, or a fraction of min(m, n) in (0, 1), as find_intruders takes it."""
+    expected = "a positive integer or a fraction in (0, 1)"
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        pass
+    if not 0.0 < _number(text, expected) < 1.0:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return float(text)
 
 
 def _ranks(text: str) -> list:
@@ -383,9 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", "-q", action="store_true",
                         help="no progress bars or status lines (results and errors only)")
     detect_opts = argparse.ArgumentParser(add_help=False)
-    detect_opts.add_argument("--top-k", type=_positive_int, default=10,
-                             help="examine the top-k singular vectors of each weight (default 10)")
-    detect_opts.add_argument("--epsilon", type=_unit_float, default=0.5,
+    detect_opts.add_argument("--top-k", type=_top_k, default=10,
+                             help="examine the top-k singular vectors of each weight: a count, or "
+                                  "a fraction of min(m, n) such as 0.01 (default 10)")
+    detect_opts.add_argument("--epsilon", type=_epsilon, default=0.5,
                              help="intruder when max |cos| with every base singular vector is "
                                   "below epsilon (default 0.5)")
 
@@ -419,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base", metavar="BASE", help="base model directory (transformers format)")
     p.add_argument("adapter", metavar="ADAPTER", help="PEFT LoRA adapter directory")
     p.add_argument("--out", required=True, metavar="DIR", help="new output directory")
-    p.add_argument("--lambda", dest="mitigation_lambda", type=_unit_float, default=0.75,
-                   help="scale factor for intruder directions, in [0, 1] (default 0.75)")
+    p.add_argument("--lambda", dest="mitigation_lambda", type=_lambda, default=0.75,
+                   help="scale factor for intruder directions, >= 0 (default 0.75)")
     p.add_argument("--rank", choices=("peft", "exact"), default="peft",
                    help="peft: keep each layer's rank r (PEFT's result); exact: rank r + "
                         "#intruders, so the mitigation is exact (default peft)")
@@ -456,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy "
                         "machine)")
-    p.add_argument("--lambda", dest="mitigation_lambda", type=_unit_float, default=0.75,
+    p.add_argument("--lambda", dest="mitigation_lambda", type=_lambda, default=0.75,
                    help="mitigation lambda (0.75)")
     p.add_argument("--targets", default="query,value",
                    help="LoRA target modules, comma-separated (query,value)")

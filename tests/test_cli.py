@@ -216,8 +216,21 @@ def test_usage_errors_exit_2(capsys):
     assert res.returncode == 2 and "usage:" in res.stderr
     res = cli(capsys, "demo", "--epochs", "0")
     assert res.returncode == 2 and "expected a positive integer, got '0'" in res.stderr
-    res = cli(capsys, "mitigate", "a", "b", "--out", "c", "--lambda", "2")
-    assert res.returncode == 2 and "expected a number in [0, 1], got '2'" in res.stderr
+    res = cli(capsys, "mitigate", "a", "b", "--out", "c", "--lambda", "-0.5")
+    assert res.returncode == 2 and "expected a number >= 0, got '-0.5'" in res.stderr
+    res = cli(capsys, "detect", "a", "b", "--epsilon", "0")
+    assert res.returncode == 2 and "expected a number in (0, 1], got '0'" in res.stderr
+    res = cli(capsys, "detect", "a", "b", "--top-k", "1.5")
+    assert res.returncode == 2 and "a fraction in (0, 1), got '1.5'" in res.stderr
+
+
+def test_option_types_follow_the_python_api():
+    from intruder_ext.cli import build_parser
+
+    args = build_parser().parse_args(["mitigate", "a", "b", "--out", "c", "--lambda", "1.5",
+                                      "--top-k", "0.25", "--epsilon", "1"])
+    assert (args.mitigation_lambda, args.top_k, args.epsilon) == (1.5, 0.25, 1.0)
+    assert build_parser().parse_args(["detect", "a", "b", "--top-k", "7"]).top_k == 7
 
 
 def test_demo_smoke(tmp_path):
