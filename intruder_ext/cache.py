@@ -6,6 +6,8 @@ Writes go to a temporary file in the cache directory and are renamed into place
 (``os.replace`` is atomic), so a crash never leaves a half-written entry under the final name and
 two processes filling the same entry at once both leave a complete file. Each entry stores a
 sha256 of its tensors; an entry that fails to load or to verify is recomputed and rewritten.
+Both digests hash 4 MiB pieces in parallel threads (hashlib releases the GIL), then the list of
+piece digests: about twice as fast on two cores, and a cache hit is mostly hashing.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +29,11 @@ from .spectral import BaseSpectrum, base_spectrum
 __all__ = ["CacheStats", "SpectrumCache", "default_cache_dir"]
 
 # Bump when the stored layout or the way spectra are computed changes: old entries are ignored.
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 _NAMES = ("U", "S", "Vh")
+_PIECE = 1 << 22  # bytes per independently hashed piece
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
 def default_cache_dir() -> Path:
@@ -46,13 +53,36 @@ def _tensor_bytes(t: torch.Tensor):
     return t.reshape(-1).view(torch.uint8).numpy().data
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+def _hash_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                       thread_name_prefix="intruder_ext-hash")
+        return _pool
+
+
+def _digest(parts) -> str:
+    """sha256 over ``(label, buffer)`` parts, each buffer hashed as 4 MiB pieces in parallel."""
+    jobs = []  # (label, [piece buffers])
+    for label, buf in parts:
+        view = memoryview(buf).cast("B")
+        jobs.append((label, [view[i:i + _PIECE] for i in range(0, len(view), _PIECE)]))
+    pieces = [piece for _, ps in jobs for piece in ps]
+    hash_piece = lambda piece: hashlib.sha256(piece).digest()  # noqa: E731
+    digests = iter(_hash_pool().map(hash_piece, pieces) if len(pieces) > 1
+                   else map(hash_piece, pieces))
     h = hashlib.sha256()
-    for name in _NAMES:
-        t = tensors[name]
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(_tensor_bytes(t))
+    for label, ps in jobs:
+        h.update(label.encode() + f";{len(ps)};".encode())
+        for _ in ps:
+            h.update(next(digests))
     return h.hexdigest()
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    return _digest((f"{name}:{tensors[name].dtype}:{tuple(tensors[name].shape)}",
+                    _tensor_bytes(tensors[name])) for name in _NAMES)
 
 
 @dataclass
@@ -80,10 +110,8 @@ class SpectrumCache:
 
     def key(self, W0: torch.Tensor, dtype: torch.dtype = torch.float32) -> str:
         """sha256 of the weight's bytes, shape and dtype, the spectrum's dtype and the format."""
-        h = hashlib.sha256(f"intruder_ext-spectrum-v{FORMAT_VERSION};{dtype};{W0.dtype};"
-                           f"{tuple(W0.shape)};".encode())
-        h.update(_tensor_bytes(W0))
-        return h.hexdigest()
+        return _digest([(f"intruder_ext-spectrum-v{FORMAT_VERSION};{dtype};{W0.dtype};"
+                         f"{tuple(W0.shape)}", _tensor_bytes(W0))])
 
     def path(self, W0: torch.Tensor, dtype: torch.dtype = torch.float32) -> Path:
         """The file that holds (or would hold) the entry of ``W0``."""

@@ -237,6 +237,13 @@ def _orthonormal_block(K: Tensor | None, W: Tensor) -> Tensor:
     return Q
 
 
+def _thin_mm(M: Tensor, X: Tensor) -> Tensor:
+    """``M @ X`` for a large M and a thin X, computed as ``(X^T M^T)^T``: with X a column slice
+    of a QR factor (column-major) the direct product runs several times slower on CPU (2048 x 2048
+    by 2048 x 10: about 20 ms against 2 ms measured)."""
+    return (X.mT @ M.mT).mT
+
+
 def _eig_dense(matvec: Callable[[Tensor], Tensor], N: int, k: int, dtype, device) -> _Eig:
     """Explicit G (N x N) and eigh: for small N."""
     G = matvec(torch.eye(N, dtype=dtype, device=device))
@@ -342,17 +349,17 @@ def lora_topk(base: BaseSpectrum, B: Tensor, A: Tensor, scale: float, k: int, *,
     s = float(scale)
 
     # B = U0 P + Q R, with Q orthonormal and orthogonal to U0 (only when U0 does not span R^m).
-    P = U0.mT @ B
+    P = _thin_mm(U0.mT, B)
     if m > p:
-        Bp = B - U0 @ P
-        P2 = U0.mT @ Bp  # second pass: one projection leaves eps-sized components in range(U0)
-        P, Bp = P + P2, Bp - U0 @ P2
+        Bp = B - _thin_mm(U0, P)
+        P2 = _thin_mm(U0.mT, Bp)  # second pass: one projection leaves eps-sized parts in range(U0)
+        P, Bp = P + P2, Bp - _thin_mm(U0, P2)
         Q, R = torch.linalg.qr(Bp)
     else:
         Q, R = B.new_zeros(m, 0), B.new_zeros(0, B.shape[1])
     q = Q.shape[1]
     r = B.shape[1]
-    L1 = torch.cat([S0[:, None] * (Vh0 @ A.mT), B.new_zeros(q, r)])
+    L1 = torch.cat([S0[:, None] * _thin_mm(Vh0, A.mT), B.new_zeros(q, r)])
     L2 = torch.cat([P, R])
     L = torch.cat([L1, L2], dim=1)
     eye = torch.eye(r, dtype=dtype, device=B.device)
@@ -373,9 +380,9 @@ def lora_topk(base: BaseSpectrum, B: Tensor, A: Tensor, scale: float, k: int, *,
         return dense_topk(base.weight() + s * (B @ A), base, k)
 
     x = eig.X
-    Y = U0 @ x[:p] + Q @ x[p:]
+    Y = _thin_mm(U0, x[:p]) + Q @ x[p:]
     # W^T y = Vh0^T S0 (U0^T y) + s A^T (B^T y), with U0^T y = x[:p] and B^T y = L2^T x.
-    Z = Vh0.mT @ (S0[:, None] * x[:p]) + s * (A.mT @ (L2.mT @ x))
+    Z = _thin_mm(Vh0.mT, S0[:, None] * x[:p]) + s * (A.mT @ (L2.mT @ x))
     return _finish(Y, Z, x[:p].abs(), eig, "structured")
 
 
@@ -425,7 +432,7 @@ def weight_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = No
     X0 = torch.cat([start, torch.randn(p, blk, generator=gen, dtype=dtype, device=W.device)], dim=1)
 
     def matvec(X: Tensor) -> Tensor:
-        return W @ (W.mT @ X) if left else W.mT @ (W @ X)
+        return _thin_mm(W, _thin_mm(W.mT, X)) if left else _thin_mm(W.mT, _thin_mm(W, X))
 
     eig = _eig_topk(matvec, X0, k, block=blk, tol=tol, max_iter=max_iter)
     if not eig.converged:
@@ -434,9 +441,9 @@ def weight_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = No
     if left:
         Y = eig.X
     else:
-        WV = W @ eig.X
+        WV = _thin_mm(W, eig.X)
         Y = WV / WV.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)
-    return _finish(Y, W.mT @ Y, None, eig, "subspace", base)
+    return _finish(Y, _thin_mm(W.mT, Y), None, eig, "subspace", base)
 
 
 def dense_topk(W: Tensor, base: BaseSpectrum, k: int) -> TopK:
