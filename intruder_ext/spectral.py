@@ -142,6 +142,18 @@ def _check_k(fn: str, k, p: int):
         raise ValueError(f"{fn}: k must be in [1, min(m, n)] = [1, {p}] (got {k})")
 
 
+def _check_weight(fn: str, base, W, k) -> Tensor:
+    """Checks a (base, W, k) call; returns W detached in the base's dtype."""
+    _check_base(fn, base)
+    _check_tensor(fn, "W", W, dims=2)
+    m, n = base.shape
+    if tuple(W.shape) != (m, n):
+        raise ValueError(f"{fn}: W must have the base weight's shape {(m, n)} (got {tuple(W.shape)})")
+    _check_same_device(fn, base, W=W)
+    _check_k(fn, k, min(m, n))
+    return W.detach().to(base.dtype)
+
+
 def _check_solver_args(fn: str, tol, max_iter, on_failure, block):
     if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"{fn}: tol must be a positive number (got {tol!r})")
@@ -411,18 +423,12 @@ def weight_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = No
     singular vectors and a random block; arguments as in :func:`lora_topk`.
     """
     fn = "weight_topk"
-    _check_base(fn, base)
-    _check_tensor(fn, "W", W, dims=2)
-    m, n = base.shape
-    if tuple(W.shape) != (m, n):
-        raise ValueError(f"{fn}: W must have the base weight's shape {(m, n)} (got {tuple(W.shape)})")
-    _check_same_device(fn, base, W=W)
-    p = min(m, n)
-    _check_k(fn, k, p)
+    W = _check_weight(fn, base, W, k)
     _check_solver_args(fn, tol, max_iter, on_failure, block)
+    m, n = base.shape
+    p = min(m, n)
     dtype = base.dtype
     tol = _DEFAULT_TOL[dtype] if tol is None else float(tol)
-    W = W.detach().to(dtype)
 
     left = m <= n  # iterate on the smaller Gram matrix
     blk = _default_block(k, p) if block is None else min(block, p)
@@ -448,15 +454,7 @@ def weight_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = No
 
 def dense_topk(W: Tensor, base: BaseSpectrum, k: int) -> TopK:
     """Reference: full SVD of ``W``, its top k compared with the base through max_cosine."""
-    fn = "dense_topk"
-    _check_base(fn, base)
-    _check_tensor(fn, "W", W, dims=2)
-    m, n = base.shape
-    if tuple(W.shape) != (m, n):
-        raise ValueError(f"{fn}: W must have the base weight's shape {(m, n)} (got {tuple(W.shape)})")
-    _check_same_device(fn, base, W=W)
-    _check_k(fn, k, min(m, n))
-    W = W.detach().to(base.dtype)
+    W = _check_weight("dense_topk", base, W, k)
     U, S, Vh = ops.batched_svd(W)
     Uk, Sk, Vhk = U[:, :k], S[:k], Vh[:k]
     mu = Sk * Sk

@@ -3,44 +3,43 @@
 import torch
 
 
-def max_cosine_reference(Y, X, absolute=True, normalize=True):
-    """The naive expression: normalize the columns, multiply, (abs,) max over X's columns.
-
-    Computes in float64 so it can judge every dtype; returns (values, indices).
-    """
+def cosine_matrix_reference(Y, X, absolute=True, normalize=True):
+    """The full k x n similarity matrix in float64 (what max_cosine maximizes)."""
     Y64, X64 = Y.double(), X.double()
     if normalize:
         Y64 = Y64 / Y64.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
         X64 = X64 / X64.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     sims = Y64.transpose(-2, -1) @ X64
-    if absolute:
-        sims = sims.abs()
-    values, indices = sims.max(dim=-1)
+    return sims.abs() if absolute else sims
+
+
+def max_cosine_reference(Y, X, absolute=True, normalize=True):
+    """The naive expression: normalize the columns, multiply, (abs,) max over X's columns.
+
+    Computes in float64 so it can judge every dtype; returns (values, indices).
+    """
+    values, indices = cosine_matrix_reference(Y, X, absolute, normalize).max(dim=-1)
     return values, indices
 
 
-# --- spectral engine (intruder_ext.spectral) ---------------------------------------------------
+def check_max_cosine(values, indices, Y, X, atol, absolute=True, normalize=True):
+    """Assert that ``(values, indices)`` is max_cosine(Y, X): dtype, shape and device, values
+    within ``atol`` (scaled by the largest value when unnormalized), and indices equal to the
+    reference's in float64; in lower precision a near-tie may pick another column, which must
+    then be as good as the best."""
+    ref_values, ref_indices = max_cosine_reference(Y, X, absolute, normalize)
+    assert values.device == Y.device and indices.device == Y.device
+    assert values.dtype == Y.dtype and indices.dtype == torch.int64
+    assert values.shape == ref_values.shape and indices.shape == ref_indices.shape
+    atol = atol * (1 if normalize else max(1.0, ref_values.abs().max().item()))
+    torch.testing.assert_close(values.double().cpu(), ref_values.cpu(), atol=atol, rtol=0)
+    if Y.dtype == torch.float64:
+        assert torch.equal(indices.cpu(), ref_indices.cpu())
+    else:
+        sims = cosine_matrix_reference(Y, X, absolute, normalize)
+        chosen = sims.gather(-1, indices.unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(chosen.cpu(), ref_values.cpu(), atol=2 * atol, rtol=0)
 
-def two_svd_topk(W0, W, k, dtype=torch.float64):
-    """The two-SVD intruder reference (as in the paper's code): full SVDs of ``W0`` and ``W``, then
-    the top-k left singular vectors of ``W`` against all of ``W0``'s.
-
-    Returns ``(sigma, U, max_cos, argmax)``: (k,), (m, k), (k,), (k,).
-    """
-    U0 = torch.linalg.svd(W0.to(dtype), full_matrices=False)[0]
-    U, S, _ = torch.linalg.svd(W.to(dtype), full_matrices=False)
-    max_cos, argmax = (U[:, :k].mT @ U0).abs().max(dim=1)
-    return S[:k], U[:, :k], max_cos, argmax
-
-
-def lowrank_svd_reference(B, A, scale=1.0):
-    """Thin SVD of the dense product ``scale * B @ A`` in float64, truncated to min(m, n, r)."""
-    r = min(B.shape[-2], A.shape[-1], B.shape[-1])
-    U, S, Vh = torch.linalg.svd(scale * (B.double() @ A.double()), full_matrices=False)
-    return U[..., :r], S[..., :r], Vh[..., :r, :]
-
-
-# --- PEFT detection and mitigation (intruder_ext.detection, intruder_ext.mitigation) --------
 
 def dense_detect(W0: torch.Tensor, W: torch.Tensor, k: int, epsilon: float):
     """Top-k of ``W`` against all left singular vectors of ``W0`` the way the paper's code does
@@ -59,6 +58,13 @@ def dense_detect(W0: torch.Tensor, W: torch.Tensor, k: int, epsilon: float):
     intruders = torch.nonzero(max_cos < epsilon).flatten().tolist()
     return {"sigma": S[:k], "U": U[:, :k], "Vh": Vh[:k], "max_cos": max_cos, "argmax": argmax,
             "runner_up": runner_up, "gap": gap, "intruders": intruders}
+
+
+def lowrank_svd_reference(B, A, scale=1.0):
+    """Thin SVD of the dense product ``scale * B @ A`` in float64, truncated to min(m, n, r)."""
+    r = min(B.shape[-2], A.shape[-1], B.shape[-1])
+    U, S, Vh = torch.linalg.svd(scale * (B.double() @ A.double()), full_matrices=False)
+    return U[..., :r], S[..., :r], Vh[..., :r, :]
 
 
 def dense_mitigated_delta(W0, B, A, scale, k, epsilon, lam):

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -18,11 +19,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def run_cli(*args, cwd=None, timeout=300):
-    """`python -m intruder_ext ARGS` with this interpreter and this copy of the package."""
+    """`python -m intruder_ext ARGS` with this interpreter and this copy of the package.
+
+    `python -m` puts its working directory first on sys.path: run from the source tree it would
+    import the sources (which hold no compiled _C), so the default is a neutral directory."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(intruder_ext.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    return subprocess.run([sys.executable, "-m", "intruder_ext", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "intruder_ext", *map(str, args)],
+                          cwd=cwd if cwd is not None else tempfile.gettempdir(),
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 

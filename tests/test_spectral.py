@@ -3,7 +3,7 @@ two-SVD float64 reference of the same float32 inputs."""
 
 import pytest
 import torch
-from reference import lowrank_svd_reference, two_svd_topk
+from reference import dense_detect, lowrank_svd_reference
 
 from intruder_ext.spectral import (BaseSpectrum, base_spectrum, dense_topk, lora_topk,
                                    lowrank_svd, weight_topk)
@@ -48,7 +48,8 @@ def lora_case(m, n, r, scale, seed, S0=None):
 
 
 def assert_matches_reference(topk, W0, W, k=K, cos_tol=1e-4, sigma_tol=1e-5):
-    sigma, _, max_cos, _ = two_svd_topk(W0, W, k)
+    ref = dense_detect(W0, W, k, EPS)
+    sigma, max_cos = ref["sigma"], ref["max_cos"]
     assert topk.sigma.shape == (k,) and topk.max_cos.shape == (k,)
     torch.testing.assert_close(topk.sigma.double(), sigma, rtol=sigma_tol, atol=0)
     torch.testing.assert_close(topk.max_cos.double(), max_cos, rtol=0, atol=cos_tol)
@@ -142,7 +143,7 @@ def test_lora_cases_have_varied_intruders():
     counts = set()
     for r, scale in [(4, 0.3), (16, 6.0), (64, 6.0), (4, 6.0)]:
         W0, B, A, s = lora_case(384, 384, r, scale, seed=r)
-        counts.add(int((two_svd_topk(W0, W0 + s * B @ A, K)[2] < EPS).sum()))
+        counts.add(len(dense_detect(W0, W0 + s * B @ A, K, EPS)["intruders"]))
     assert 0 in counts and any(0 < c < K for c in counts) and len(counts) >= 3
 
 
@@ -162,7 +163,8 @@ def test_lora_topk_near_equal_top_spectrum():
     W = W0 + s * (B @ A)
     topk = lora_topk(base_spectrum(W0), B, A, s, K, block=24, on_failure="raise")
     assert topk.converged
-    sigma, U_ref, _, _ = two_svd_topk(W0, W, K)
+    ref = dense_detect(W0, W, K, EPS)
+    sigma, U_ref = ref["sigma"], ref["U"]
     torch.testing.assert_close(topk.sigma.double(), sigma, rtol=1e-5, atol=0)
     assert_genuine_triplets(topk, W)
     # Individual vectors in a cluster are ill-conditioned; the top-k subspace is not (gap to 17+).
