@@ -26,8 +26,12 @@ TORCH_LIBRARY(intruder_ext, m) {
   // values[..., j] = max_i |cos(Y[..., :, j], X[..., :, i])|, indices = the lowest arg-max.
   m.def("max_cosine(Tensor Y, Tensor X, bool absolute=True, bool normalize=True) "
         "-> (Tensor values, Tensor indices)");
-  // Thin SVD of every matrix in a (..., m, n) stack, as torch.linalg.svd(A, full_matrices=False).
-  m.def("batched_svd(Tensor A) -> (Tensor U, Tensor S, Tensor Vh)");
+  // Thin SVD of every matrix in a (..., m, n) stack, as torch.linalg.svd(A, full_matrices=False),
+  // outputs contiguous.
+  // max_sweeps caps cuSOLVER's Jacobi iteration (CUDA only); recomputed (...) marks the matrices
+  // it did not converge on, which were recomputed with a QR-based driver (the caller warns: a
+  // TORCH_WARN from an op called through torch.ops reaches stderr, not Python's warnings).
+  m.def("batched_svd(Tensor A, int max_sweeps) -> (Tensor U, Tensor S, Tensor Vh, Tensor recomputed)");
 }
 
 }  // namespace intruder_ext

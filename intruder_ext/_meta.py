@@ -21,8 +21,9 @@ def _max_cosine_fake(Y, X, absolute=True, normalize=True):
 
 
 @torch.library.register_fake("intruder_ext::batched_svd")
-def _batched_svd_fake(A):
+def _batched_svd_fake(A, max_sweeps):
     torch._check(A.dim() >= 2, lambda: f"batched_svd: A must have at least 2 dims (got shape {A.shape})")
     *batch, m, n = A.shape
     p = min(m, n)
-    return A.new_empty((*batch, m, p)), A.new_empty((*batch, p)), A.new_empty((*batch, p, n))
+    return (A.new_empty((*batch, m, p)), A.new_empty((*batch, p)), A.new_empty((*batch, p, n)),
+            A.new_empty(batch, dtype=torch.bool))

@@ -1,5 +1,9 @@
 """Python entry points of the compiled ops (``torch.ops.intruder_ext.*``)."""
 
+from __future__ import annotations
+
+import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -50,16 +54,42 @@ def max_cosine(Y: torch.Tensor, X: torch.Tensor, *, absolute: bool = True,
     return MaxCosine(values, indices)
 
 
-def batched_svd(A: torch.Tensor):
+MAX_SWEEPS_ENV = "INTRUDER_EXT_GESVDJ_MAX_SWEEPS"
+DEFAULT_MAX_SWEEPS = 100  # cuSOLVER's own default
+
+
+def batched_svd(A: torch.Tensor, *, max_sweeps: int | None = None):
     """Thin SVD of every matrix in a ``(..., m, n)`` stack: ``(U, S, Vh)`` as
     ``torch.linalg.svd(A, full_matrices=False)`` returns them, singular values descending.
 
     On CUDA, stacks of matrices up to 32 x 32 go through one cuSOLVER ``gesvdjBatched`` call,
     larger ones through ``gesvdj`` one matrix at a time; any matrix whose Jacobi iteration does
-    not converge is recomputed with the QR-based ``gesvd`` (with a warning). The environment
-    variable ``INTRUDER_EXT_GESVDJ_MAX_SWEEPS`` caps the Jacobi sweeps (default 100). On CPU,
-    LAPACK. float32 and float64 only.
+    not converge within ``max_sweeps`` sweeps is recomputed with the QR-based ``gesvd``, with a
+    ``RuntimeWarning``. ``max_sweeps`` defaults to ``$INTRUDER_EXT_GESVDJ_MAX_SWEEPS``, else 100.
+    On CPU, LAPACK (``max_sweeps`` is unused). float32 and float64 only.
     """
+    return checked_batched_svd(torch.ops.intruder_ext.batched_svd, A, max_sweeps)
+
+
+def checked_batched_svd(op, A, max_sweeps):
+    """Calls a ``batched_svd`` op (the package's, or the tests' emulated-cuSOLVER build) and turns
+    its mask of recomputed matrices into a warning: a TORCH_WARN from an op called through
+    ``torch.ops`` would reach stderr, not Python's ``warnings``."""
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"batched_svd: A must be a torch.Tensor (got {type(A).__name__})")
-    return torch.ops.intruder_ext.batched_svd(A)
+    if max_sweeps is None:
+        env = os.environ.get(MAX_SWEEPS_ENV, "").strip()
+        if not env:
+            max_sweeps = DEFAULT_MAX_SWEEPS
+        elif env.isdigit() and int(env) >= 1:
+            max_sweeps = int(env)
+        else:
+            raise ValueError(f"batched_svd: {MAX_SWEEPS_ENV} must be a positive integer (got {env!r})")
+    elif isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 1:
+        raise ValueError(f"batched_svd: max_sweeps must be a positive int (got {max_sweeps!r})")
+    U, S, Vh, recomputed = op(A, max_sweeps)
+    if recomputed.numel() and A.device.type != "meta" and bool(recomputed.any()):
+        warnings.warn(f"batched_svd: Jacobi SVD (gesvdj) did not converge within {max_sweeps} "
+                      f"sweeps for {int(recomputed.sum())} of {recomputed.numel()} matrices; "
+                      f"recomputed them with gesvd", RuntimeWarning, stacklevel=3)
+    return U, S, Vh

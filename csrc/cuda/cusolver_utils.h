@@ -1,10 +1,12 @@
 // Small helpers for calling cuSOLVER from the CUDA kernels: status checks whose message names the
-// failing call and the status, and an owning wrapper of gesvdjInfo_t.
+// failing call and the status, and an owning wrapper of gesvdjInfo_t. Internal linkage, like
+// batched_svd_gesvdj.h, which includes it: the CUDA build and the emulated one share no symbols.
 #pragma once
 #include <c10/util/Exception.h>
 #include <cusolverDn.h>
 
 namespace intruder_ext {
+namespace {
 
 inline const char* cusolver_status_name(cusolverStatus_t status) {
   switch (status) {
@@ -44,4 +46,5 @@ class GesvdjParams {
   gesvdjInfo_t info_ = nullptr;
 };
 
+}  // namespace
 }  // namespace intruder_ext
