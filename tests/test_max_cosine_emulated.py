@@ -16,13 +16,16 @@ import tempfile
 
 import pytest
 import torch
-from reference import max_cosine_reference
+from reference import check_max_cosine
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCES = [ROOT / "tests/cuda_emulation/cuda_emu.h", ROOT / "tests/cuda_emulation/max_cosine_emu.cpp",
            ROOT / "csrc/cuda/max_cosine_kernel.cuh"]
 NO_LIMIT = 65535  # the real grid.z limit
-ATOL = {torch.float32: 2e-6, torch.float64: 1e-12}
+ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# The harness's entry point per dtype (float16/bfloat16 accumulate in float32, as on the GPU).
+ENTRY_POINTS = {torch.float32: "max_cosine_emu_float", torch.float64: "max_cosine_emu_double",
+                torch.float16: "max_cosine_emu_half", torch.bfloat16: "max_cosine_emu_bfloat16"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,7 @@ def emu():
         assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stderr}"
         os.replace(tmp, out)  # atomic: concurrent test runs never load a half-written file
     lib = ctypes.CDLL(str(out))
-    for name in ("max_cosine_emu_float", "max_cosine_emu_double"):
+    for name in ENTRY_POINTS.values():
         getattr(lib, name).restype = ctypes.c_int64
     return lib
 
@@ -54,7 +57,7 @@ def emulate(emu, Y, X, absolute=True, normalize=True, target_blocks=1, max_batch
     X3 = X.expand(*batch_shape, d, n).reshape(batch, d, n)
     values = torch.empty(batch, k, dtype=Y.dtype)
     indices = torch.empty(batch, k, dtype=torch.int64)
-    fn = emu.max_cosine_emu_float if Y.dtype == torch.float32 else emu.max_cosine_emu_double
+    fn = getattr(emu, ENTRY_POINTS[Y.dtype])
     i64 = ctypes.c_int64 * 4
     ptr = ctypes.c_void_p
     splits = fn(ptr(Y3.data_ptr()), ptr(X3.data_ptr()), i64(batch, d, k, n),
@@ -66,17 +69,14 @@ def emulate(emu, Y, X, absolute=True, normalize=True, target_blocks=1, max_batch
 
 def check(emu, Y, X, absolute=True, normalize=True, **launch):
     values, indices, splits = emulate(emu, Y, X, absolute, normalize, **launch)
-    ref_values, ref_indices = max_cosine_reference(Y, X, absolute, normalize)
-    scale = 1 if normalize else max(1.0, ref_values.abs().max().item())
-    torch.testing.assert_close(values.double(), ref_values, atol=ATOL[Y.dtype] * scale, rtol=0)
-    assert torch.equal(indices, ref_indices)
+    check_max_cosine(values, indices, Y, X, ATOL[Y.dtype], absolute, normalize)
     return values, indices, splits
 
 
 @pytest.mark.parametrize("d,k,n", [
     (1, 1, 1), (3, 3, 5), (33, 33, 65), (20, 70, 9), (17, 5, 300), (0, 2, 3),
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("target_blocks", [1, 64])
 def test_matches_reference(emu, d, k, n, dtype, target_blocks):
     gen = torch.Generator().manual_seed(d * 1000 + k * 10 + n)

@@ -3,20 +3,42 @@
 #include "cuda_emu.h"  // first: it defines what nvcc would provide to the kernel header
 #include "../../csrc/cuda/max_cosine_kernel.cuh"
 
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
 
 using namespace intruder_ext::max_cosine_cuda;
 
+// bfloat16 as the kernel uses CUDA's __nv_bfloat16: 16 bits of storage, explicit conversion to
+// float and back (round to nearest, ties to even). float16 is the compiler's _Float16.
+struct BFloat16 {
+  uint16_t bits;
+  BFloat16() = default;
+  explicit BFloat16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    bits = std::isnan(f) ? uint16_t(0x7fc0) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  explicit operator float() const {
+    const uint32_t u = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+};
+
 // sizes: batch, d, k, n (each >= 1 but d); strides: (batch, d, column) in elements.
-// Mirrors the launcher in csrc/cuda/max_cosine_cuda.cu; returns the number of n-splits used.
-template <typename scalar_t>
+// Mirrors the launcher in csrc/cuda/max_cosine_cuda.cu (acc_t: at::opmath_type<scalar_t>);
+// returns the number of n-splits used.
+template <typename scalar_t, typename acc_t = scalar_t>
 int64_t run(const scalar_t* Y, const scalar_t* X, const int64_t* sizes, const int64_t* y_strides,
             const int64_t* x_strides, bool absolute, bool normalize, int64_t target_blocks,
             int64_t max_batch_blocks, unsigned int seed, scalar_t* values, int64_t* indices) {
   const LaunchConfig c = launch_config(sizes[0], sizes[2], sizes[3], target_blocks, max_batch_blocks);
-  std::vector<scalar_t> partial_values(c.workspace_entries);
+  std::vector<acc_t> partial_values(c.workspace_entries);
   std::vector<int64_t> partial_indices(c.workspace_entries);
   std::vector<unsigned int> counters(c.counters, 0u);
   Params p{};
@@ -42,7 +64,7 @@ int64_t run(const scalar_t* Y, const scalar_t* X, const int64_t* sizes, const in
   p.counters = counters.data();
   const dim3 grid(static_cast<unsigned int>(c.k_tiles), static_cast<unsigned int>(c.splits),
                   static_cast<unsigned int>(c.batch_blocks));
-  cuda_emu::launch(grid, dim3(kThreads), seed, max_cosine_kernel<scalar_t, scalar_t>, p);
+  cuda_emu::launch(grid, dim3(kThreads), seed, max_cosine_kernel<scalar_t, acc_t>, p);
   return c.splits;
 }
 
@@ -64,6 +86,27 @@ int64_t max_cosine_emu_double(const double* Y, const double* X, const int64_t* s
                               unsigned int seed, double* values, int64_t* indices) {
   return run(Y, X, sizes, y_strides, x_strides, absolute, normalize, target_blocks,
              max_batch_blocks, seed, values, indices);
+}
+
+// float16 and bfloat16 data are passed as their 16-bit patterns.
+int64_t max_cosine_emu_half(const uint16_t* Y, const uint16_t* X, const int64_t* sizes,
+                            const int64_t* y_strides, const int64_t* x_strides, int absolute,
+                            int normalize, int64_t target_blocks, int64_t max_batch_blocks,
+                            unsigned int seed, uint16_t* values, int64_t* indices) {
+  static_assert(sizeof(_Float16) == sizeof(uint16_t));
+  return run<_Float16, float>(reinterpret_cast<const _Float16*>(Y), reinterpret_cast<const _Float16*>(X),
+                              sizes, y_strides, x_strides, absolute, normalize, target_blocks,
+                              max_batch_blocks, seed, reinterpret_cast<_Float16*>(values), indices);
+}
+
+int64_t max_cosine_emu_bfloat16(const uint16_t* Y, const uint16_t* X, const int64_t* sizes,
+                                const int64_t* y_strides, const int64_t* x_strides, int absolute,
+                                int normalize, int64_t target_blocks, int64_t max_batch_blocks,
+                                unsigned int seed, uint16_t* values, int64_t* indices) {
+  static_assert(sizeof(BFloat16) == sizeof(uint16_t));
+  return run<BFloat16, float>(reinterpret_cast<const BFloat16*>(Y), reinterpret_cast<const BFloat16*>(X),
+                              sizes, y_strides, x_strides, absolute, normalize, target_blocks,
+                              max_batch_blocks, seed, reinterpret_cast<BFloat16*>(values), indices);
 }
 
 }  // extern "C"
