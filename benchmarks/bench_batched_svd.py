@@ -1,6 +1,6 @@
 """intruder_ext.batched_svd against torch.linalg.svd on CUDA, side by side (GPU only).
 
-Run: PYTHONPATH=$PWD python -m pytest benchmarks/bench_batched_svd.py --benchmark-group-by=param:shape
+Run: pytest benchmarks/bench_batched_svd.py --benchmark-group-by=param:shape
 """
 
 import pytest

@@ -12,7 +12,7 @@ top k = 10, epsilon = 0.5, float32. For each width, side by side (one group per 
 Every fast variant asserts the same intruder set as the reference. The 4096 reference SVDs take
 about a minute each on 2 cores, so the slow variants run one round there.
 
-Run: python -m pytest benchmarks/bench_detection.py --benchmark-only \
+Run: pytest benchmarks/bench_detection.py --benchmark-only \
          --benchmark-group-by=param --benchmark-columns=min,mean,max,rounds
 """
 

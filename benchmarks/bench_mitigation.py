@@ -7,7 +7,7 @@ spectrum cache, ours with the cache already warm (a previous call on the same ba
 Every implementation must find the same intruders in the same layers.
 
 Run (PEFT takes minutes on the 2048 case, hence one round each):
-    PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python -m pytest benchmarks/bench_mitigation.py \
+    HF_HUB_OFFLINE=1 pytest benchmarks/bench_mitigation.py \
         --benchmark-group-by=param:case --benchmark-columns=min,median,rounds \
         --benchmark-json=/tmp/bench_mitigation.json
 """
