@@ -29,11 +29,12 @@ struct BFloat16 {
     return f;
   }
 };
+static_assert(sizeof(BFloat16) == 2 && sizeof(_Float16) == 2, "16-bit storage, as torch's");
 
 // sizes: batch, d, k, n (each >= 1 but d); strides: (batch, d, column) in elements.
 // Mirrors the launcher in csrc/cuda/max_cosine_cuda.cu (acc_t: at::opmath_type<scalar_t>);
 // returns the number of n-splits used.
-template <typename scalar_t, typename acc_t = scalar_t>
+template <typename scalar_t, typename acc_t>
 int64_t run(const scalar_t* Y, const scalar_t* X, const int64_t* sizes, const int64_t* y_strides,
             const int64_t* x_strides, bool absolute, bool normalize, int64_t target_blocks,
             int64_t max_batch_blocks, unsigned int seed, scalar_t* values, int64_t* indices) {
@@ -70,43 +71,20 @@ int64_t run(const scalar_t* Y, const scalar_t* X, const int64_t* sizes, const in
 
 }  // namespace
 
+// C entry points, one per dtype; the data are passed as untyped pointers (ctypes).
+#define MAX_COSINE_EMU_ENTRY(NAME, SCALAR_T, ACC_T)                                                \
+  int64_t NAME(const void* Y, const void* X, const int64_t* sizes, const int64_t* y_strides,       \
+               const int64_t* x_strides, int absolute, int normalize, int64_t target_blocks,       \
+               int64_t max_batch_blocks, unsigned int seed, void* values, int64_t* indices) {      \
+    return run<SCALAR_T, ACC_T>(static_cast<const SCALAR_T*>(Y), static_cast<const SCALAR_T*>(X), \
+                                sizes, y_strides, x_strides, absolute, normalize, target_blocks,   \
+                                max_batch_blocks, seed, static_cast<SCALAR_T*>(values), indices);  \
+  }
+
 extern "C" {
-
-int64_t max_cosine_emu_float(const float* Y, const float* X, const int64_t* sizes,
-                             const int64_t* y_strides, const int64_t* x_strides, int absolute,
-                             int normalize, int64_t target_blocks, int64_t max_batch_blocks,
-                             unsigned int seed, float* values, int64_t* indices) {
-  return run(Y, X, sizes, y_strides, x_strides, absolute, normalize, target_blocks,
-             max_batch_blocks, seed, values, indices);
-}
-
-int64_t max_cosine_emu_double(const double* Y, const double* X, const int64_t* sizes,
-                              const int64_t* y_strides, const int64_t* x_strides, int absolute,
-                              int normalize, int64_t target_blocks, int64_t max_batch_blocks,
-                              unsigned int seed, double* values, int64_t* indices) {
-  return run(Y, X, sizes, y_strides, x_strides, absolute, normalize, target_blocks,
-             max_batch_blocks, seed, values, indices);
-}
-
-// float16 and bfloat16 data are passed as their 16-bit patterns.
-int64_t max_cosine_emu_half(const uint16_t* Y, const uint16_t* X, const int64_t* sizes,
-                            const int64_t* y_strides, const int64_t* x_strides, int absolute,
-                            int normalize, int64_t target_blocks, int64_t max_batch_blocks,
-                            unsigned int seed, uint16_t* values, int64_t* indices) {
-  static_assert(sizeof(_Float16) == sizeof(uint16_t));
-  return run<_Float16, float>(reinterpret_cast<const _Float16*>(Y), reinterpret_cast<const _Float16*>(X),
-                              sizes, y_strides, x_strides, absolute, normalize, target_blocks,
-                              max_batch_blocks, seed, reinterpret_cast<_Float16*>(values), indices);
-}
-
-int64_t max_cosine_emu_bfloat16(const uint16_t* Y, const uint16_t* X, const int64_t* sizes,
-                                const int64_t* y_strides, const int64_t* x_strides, int absolute,
-                                int normalize, int64_t target_blocks, int64_t max_batch_blocks,
-                                unsigned int seed, uint16_t* values, int64_t* indices) {
-  static_assert(sizeof(BFloat16) == sizeof(uint16_t));
-  return run<BFloat16, float>(reinterpret_cast<const BFloat16*>(Y), reinterpret_cast<const BFloat16*>(X),
-                              sizes, y_strides, x_strides, absolute, normalize, target_blocks,
-                              max_batch_blocks, seed, reinterpret_cast<BFloat16*>(values), indices);
-}
-
+MAX_COSINE_EMU_ENTRY(max_cosine_emu_float, float, float)
+MAX_COSINE_EMU_ENTRY(max_cosine_emu_double, double, double)
+// float16 and bfloat16 accumulate in float32, as at::opmath_type makes the real launcher do.
+MAX_COSINE_EMU_ENTRY(max_cosine_emu_half, _Float16, float)
+MAX_COSINE_EMU_ENTRY(max_cosine_emu_bfloat16, BFloat16, float)
 }  // extern "C"
