@@ -17,16 +17,19 @@ except ImportError as error:  # the usual cause: importing the source tree, whic
 from . import _meta  # noqa: F401  (fake implementations for torch.compile / meta tensors)
 from .cache import SpectrumCache
 from .detection import find_intruders
-from .mitigation import merge_and_unload_with_reduced_intruder_dimensions, reduce_intruder_dimension
+from .layers import Layer, LayerSet
+from .mitigation import (merge_and_unload_with_reduced_intruder_dimensions, mitigate_checkpoint,
+                         reduce_intruder_dimension)
 from .ops import MaxCosine, batched_svd, cuda_built, max_cosine
 from .report import IntruderReport, ModuleReport
 from .spectral import (BaseSpectrum, TopK, base_spectrum, dense_topk, lora_topk, lowrank_svd,
                        weight_topk)
 
 __all__ = [
-    "BaseSpectrum", "IntruderReport", "MaxCosine", "ModuleReport", "SpectrumCache", "TopK",
-    "base_spectrum", "batched_svd", "cuda_built", "dense_topk", "find_intruders", "lora_topk",
-    "lowrank_svd", "max_cosine", "merge_and_unload_with_reduced_intruder_dimensions",
+    "BaseSpectrum", "IntruderReport", "Layer", "LayerSet", "MaxCosine", "ModuleReport",
+    "SpectrumCache", "TopK", "base_spectrum", "batched_svd", "cuda_built", "dense_topk",
+    "find_intruders", "lora_topk", "lowrank_svd", "max_cosine",
+    "merge_and_unload_with_reduced_intruder_dimensions", "mitigate_checkpoint",
     "reduce_intruder_dimension", "weight_topk",
 ]
 __version__ = "0.1.0"

@@ -23,8 +23,8 @@ from torch import nn
 
 from . import plots
 from .demo_data import LABELS, OUT_OF_TASK, make_task
-
-EPSILONS = [round(0.05 * i, 2) for i in range(1, 20)]
+from .detection import layer_view, spectrum_source
+from .layers import model_pair_layers, peft_model_layers
 
 
 @dataclass
@@ -250,28 +250,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     return results
 
 
-def _layer_weight(backbone, name: str, adapter: str | None = None):
-    """(W0, W) of one analysed layer of a PEFT-wrapped or plain backbone."""
-    mod = backbone.get_submodule(name)
-    if hasattr(mod, "get_base_layer"):
-        W0 = mod.get_base_layer().weight.detach()
-        return W0, W0 + mod.get_delta_weight(adapter or "default").detach()
-    return None, mod.weight.detach()
-
-
-def _resolve(backbone, name: str) -> str:
-    """Map a report's layer name onto a module name of `backbone` (prefixes may differ)."""
-    names = [n for n, _ in backbone.named_modules() if n]
-    if name in names:
-        return name
-    hits = [n for n in names if n.endswith("." + name) or name.endswith("." + n)]
-    hits = [n for n in hits if hasattr(backbone.get_submodule(n), "weight")
-            or hasattr(backbone.get_submodule(n), "get_base_layer")]
-    if len(hits) != 1:
-        raise KeyError(f"demo: cannot find layer {name!r} in the model (candidates: {hits[:3]})")
-    return hits[0]
-
-
 def _demo_plots(cfg, results, base, models) -> dict:
     out = cfg.out
     runs = results["runs"]
@@ -282,9 +260,9 @@ def _demo_plots(cfg, results, base, models) -> dict:
         f"Intruders in top-{cfg.top_k}, epsilon={cfg.epsilon}",
         os.path.join(out, "intruders_per_run.png"), color="tab:red")
     series = {r["label"]: plots.count_vs_epsilon(
-        [v["max_cos"] for v in r["detection"]["layers"].values()], EPSILONS) for r in runs}
+        [v["max_cos"] for v in r["detection"]["layers"].values()], plots.EPSILONS) for r in runs}
     files["count_vs_epsilon"] = plots.plot_count_vs_epsilon(
-        series, EPSILONS, f"Intruder count against epsilon (top-{cfg.top_k})",
+        series, plots.EPSILONS, f"Intruder count against epsilon (top-{cfg.top_k})",
         os.path.join(out, "count_vs_epsilon.png"))
     lora = [r for r in runs if r["rank"] is not None]
     mitigated = [r.get("mitigated") for r in runs]
@@ -304,27 +282,19 @@ def _demo_plots(cfg, results, base, models) -> dict:
     first = max(lora, key=lambda r: r["detection"]["total_intruders"])
     layer_items = list(first["detection"]["layers"].items())
     files["per_layer"] = plots.plot_counts_per_layer(
-        [n.split("encoder.")[-1] for n, _ in layer_items],
+        [plots.short_name(n) for n, _ in layer_items],
         [len(v["intruders"]) for _, v in layer_items],
         f"{first['label']}: intruders per layer", os.path.join(out, "per_layer.png"))
-    name, info = max(layer_items, key=lambda kv: len(kv[1]["intruders"]))
-    short = name.split("encoder.")[-1]
+    name, _ = max(layer_items, key=lambda kv: len(kv[1]["intruders"]))
+    spectrum = spectrum_source(cfg.cache_dir)
     for run in (first, runs[-1]):
         tag = "lora" if run is first else "full"
         model = models[run["label"]]
-        W0, W = _layer_weight(model, _resolve(model, name))
-        if W0 is None:
-            W0 = base.get_submodule(_resolve(base, name)).weight.detach()
-        run_layer = run["detection"]["layers"].get(name) or next(
-            v for n, v in run["detection"]["layers"].items()
-            if n.endswith(short) or short.endswith(n.split("encoder.")[-1]))
-        sim = plots.similarity_matrix(W0, W, k=32)
-        files[f"heatmap_{tag}"] = plots.plot_similarity(
-            sim, f"{run['label']}: |U_tuned^T U_base|, {short}",
-            os.path.join(out, f"heatmap_{tag}.png"), run_layer["intruders"])
-        files[f"spectrum_{tag}"] = plots.plot_spectrum(
-            plots.singular_values(W0), plots.singular_values(W), run_layer["intruders"],
-            f"{run['label']}: singular values, {short}", os.path.join(out, f"spectrum_{tag}.png"))
+        layer_set = (model_pair_layers("demo", base, model, [name]) if run["rank"] is None
+                     else peft_model_layers("demo", model, "default", [name]))
+        view = layer_view(layer_set.layers[0], spectrum, run["detection"]["layers"][name]["intruders"])
+        for kind, (_, path) in plots.layer_plots(view, out, f"_{tag}", run["label"]).items():
+            files[f"{kind}_{tag}"] = path
     return {k: os.path.basename(v) for k, v in files.items()}
 
 

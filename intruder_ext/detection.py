@@ -1,41 +1,29 @@
-"""Intruder detection for PEFT LoRA adapters and for fully fine-tuned models.
+"""Intruder detection: the top-k singular vectors of each layer's tuned weight against its base
+spectrum, for every source of layers (:mod:`intruder_ext.layers`).
 
-The maths is in :mod:`intruder_ext.spectral` (top-k of ``W0 + s B A`` in base coordinates,
-so ``max_cos`` comes for free); this module walks the model, checks the arguments and builds
-the :class:`~intruder_ext.report.IntruderReport`.
+The maths is in :mod:`intruder_ext.spectral`; this module reads each layer (one at a time: a
+layer's tensors are released before the next is read), runs the engine and builds the per-layer
+records of an :class:`~intruder_ext.report.IntruderReport`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from numbers import Integral, Real
 
 import torch
 from tqdm.auto import tqdm
 
-from . import peft_layers
+from . import checks
 from .cache import SpectrumCache
+from .layers import (Layer, LayerSet, NonFiniteError, Skipped, checkpoint_layers,
+                     is_peft_model, model_pair_layers, peft_model_layers)
 from .report import IntruderReport, ModuleReport
-from .spectral import TopK, base_spectrum, lora_topk, weight_topk
+from .spectral import BaseSpectrum, TopK, base_spectrum, lora_topk, weight_topk
 
-
-def check_epsilon(func: str, arg: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value <= 1:
-        raise ValueError(f"{func}: {arg} must be a number in (0, 1] (got {value!r})")
-    return float(value)
-
-
-def check_top_k(func: str, value) -> int | float:
-    """``top_k`` is an int >= 1 or a fraction in (0, 1) of ``min(m, n)``."""
-    if isinstance(value, bool):
-        pass
-    elif isinstance(value, Integral):
-        if value >= 1:
-            return int(value)
-    elif isinstance(value, Real) and 0 < value < 1:
-        return float(value)
-    raise ValueError(f"{func}: top_k must be an int >= 1 or a float in (0, 1) (got {value!r})")
+# How many top singular vectors a layer's plots show (heatmap rows, spectrum points).
+VIEW_K = 32
 
 
 def resolve_top_k(top_k: int | float, shape) -> int:
@@ -57,102 +45,146 @@ def spectrum_source(cache_dir):
 
 @dataclass
 class LayerResult:
-    """Detection result of one LoRA layer, kept for mitigation (which needs the vectors)."""
+    """Detection result of one layer: the engine's top-k (kept for mitigation, which needs the
+    vectors) and the layer's report record."""
 
-    target: peft_layers.LoraTarget
+    layer: Layer
     top: TopK
-    intruders: list[int]
-    rank: int
-    scale: float
-    shape: tuple[int, int]
+    record: ModuleReport
 
-    def report(self) -> ModuleReport:
-        return _module_report(self.target.name, self.target.kind, self.shape, self.rank,
-                              self.scale, self.top, self.intruders)
+    @property
+    def intruders(self) -> list[int]:
+        return self.record.intruders
 
 
-def _module_report(name, kind, shape, rank, scale, top: TopK, intruders) -> ModuleReport:
-    return ModuleReport(
-        name=name, kind=kind, shape=tuple(shape), rank=rank, scale=scale,
-        sigma=top.sigma.detach().cpu(), max_cos=top.max_cos.detach().cpu(),
-        argmax=top.argmax.detach().cpu(), intruders=list(intruders),
+def _top(layer: Layer, base: BaseSpectrum, k: int) -> TopK:
+    if layer.is_lora:
+        B, A = layer.factors(base.device)
+        return lora_topk(base, B, A, layer.scale, k)
+    return weight_topk(layer.tuned_weight(base.device), base, k)
+
+
+def analyse_layer(layer: Layer, spectrum, top_k, epsilon: float, device=None) -> LayerResult:
+    """Read one layer, compute its top-k against the base spectrum and its intruders."""
+    W0 = layer.base_weight(device)
+    top = _top(layer, spectrum(W0), resolve_top_k(top_k, layer.shape))
+    intruders = torch.nonzero(top.max_cos < epsilon).flatten().tolist()
+    record = ModuleReport(
+        name=layer.name, kind=layer.kind, shape=tuple(layer.shape), rank=layer.rank,
+        scale=layer.scale, sigma=top.sigma.detach().cpu(), max_cos=top.max_cos.detach().cpu(),
+        argmax=top.argmax.detach().cpu(), intruders=intruders,
         residual=top.residual.detach().cpu(), converged=bool(top.converged),
         iterations=int(top.iterations), method=str(top.method))
+    return LayerResult(layer, top, record)
 
 
-def _intruders(top: TopK, epsilon: float) -> list[int]:
-    return torch.nonzero(top.max_cos < epsilon).flatten().tolist()
-
-
-def detect_lora(targets, adapter: str, top_k, epsilon: float, *, cache_dir=None, device=None,
-                progress=True, desc="find_intruders") -> list[LayerResult]:
-    """Top-k and intruders of every target's ``W0 + s B A``; changes nothing in the model."""
+def detect_layers(layer_set: LayerSet, top_k, epsilon: float, *, cache_dir=None, device=None,
+                  progress=True, desc="find_intruders", skip_nonfinite=False):
+    """Analyse every layer of ``layer_set``; returns ``(results, skipped)``. A non-finite weight
+    or factor is an error naming the module and tensor, or, with ``skip_nonfinite``, a skipped
+    layer with that reason."""
     spectrum = spectrum_source(cache_dir)
-    results = []
-    for t in tqdm(targets, desc=desc, unit="module", disable=not progress):
-        W0 = t.base_weight(device)
-        B, A = t.factors(adapter, W0.device)
-        k = resolve_top_k(top_k, W0.shape)
-        s = t.scale(adapter)
-        top = lora_topk(spectrum(W0), B, A, s, k)
-        results.append(LayerResult(t, top, _intruders(top, epsilon), t.rank(adapter), s,
-                                   tuple(W0.shape)))
-    return results
+    results, skipped = [], list(layer_set.skipped)
+    for layer in tqdm(layer_set.layers, desc=desc, unit="module", disable=not progress):
+        try:
+            results.append(analyse_layer(layer, spectrum, top_k, epsilon, device))
+        except NonFiniteError as e:
+            if not skip_nonfinite:
+                raise
+            skipped.append(Skipped(layer.name, str(e).split(": ", 1)[-1]))
+    return results, skipped
 
 
-def find_intruders(model, tuned_model=None, *, adapter_name=None, top_k=10, epsilon=0.5,
-                   modules=None, cache_dir=None, device=None, progress=True) -> IntruderReport:
-    """Find intruder dimensions (Shuttleworth et al., arXiv 2410.21228).
-
-    ``y_j`` (the j-th left singular vector of the tuned weight ``W``, j < top_k) is an intruder
-    when ``max_i |cos(y_j, x_i)| < epsilon`` over all left singular vectors ``x_i`` of the base
-    weight ``W0``. Vectors live in each layer's output space, as for ``nn.Linear``
-    (``Conv1D`` and ``nn.Embedding`` weights are transposed first, see
-    :mod:`intruder_ext.peft_layers`); half-precision weights are analysed in float32.
-
-    Args:
-        model: a ``peft.PeftModel`` with LoRA adapter(s) (``W = W0 + s B A`` per LoRA layer), or
-            the base model of a full fine-tuning pair, with ``tuned_model`` the fine-tuned one
-            (every ``nn.Linear``/``Conv1D``/``nn.Embedding`` is compared by name).
-        adapter_name: which LoRA adapter (default: the active one).
-        top_k: how many top singular vectors of ``W`` to examine: an int, or a float in (0, 1)
-            for that fraction of ``min(m, n)`` (rounded up).
-        epsilon: the cosine threshold, in (0, 1].
-        modules: restrict to these module names (full names, or suffixes such as ``"q_proj"``).
-        cache_dir: where base spectra are cached on disk (``None``: the cache's default; a
-            :class:`~intruder_ext.cache.SpectrumCache`; ``False``: no cache).
-        device: compute there (default: where each weight lives).
-        progress: show a tqdm bar over the modules.
-
-    Returns an :class:`~intruder_ext.report.IntruderReport`; the model is not changed.
-    """
-    func = "find_intruders"
-    top_k = check_top_k(func, top_k)
-    epsilon = check_epsilon(func, "epsilon", epsilon)
+def layer_sources(func: str, model, tuned_model, adapter_name, modules) -> LayerSet:
+    """The layers of whatever was passed: a PeftModel, a (base, tuned) pair of models, or a
+    base checkpoint with an adapter or fully fine-tuned checkpoint (paths or Hub ids)."""
+    if isinstance(model, (str, os.PathLike)):
+        if not isinstance(tuned_model, (str, os.PathLike)):
+            raise ValueError(f"{func}: with a checkpoint path as model, tuned_model must be the "
+                             f"adapter or fine-tuned checkpoint's path (got "
+                             f"{type(tuned_model).__name__})")
+        if adapter_name is not None:
+            raise ValueError(f"{func}: adapter_name has no meaning for checkpoints on disk (got "
+                             f"{adapter_name!r})")
+        return checkpoint_layers(func, model, tuned_model, modules)[0]
     if tuned_model is not None:
-        if peft_layers.is_peft_model(model) or peft_layers.is_peft_model(tuned_model):
+        if is_peft_model(model) or is_peft_model(tuned_model):
             raise ValueError(f"{func}: pass either a PeftModel, or (base_model, tuned_model) of "
                              f"plain models for full fine-tuning (got {type(model).__name__} and "
                              f"{type(tuned_model).__name__})")
         if adapter_name is not None:
             raise ValueError(f"{func}: adapter_name={adapter_name!r} has no meaning for a "
                              f"full fine-tuning pair")
-        return _find_full(func, model, tuned_model, top_k, epsilon, modules, cache_dir, device,
-                          progress)
-    adapter = peft_layers.check_adapter(func, "adapter_name", model, adapter_name)
-    targets = peft_layers.lora_targets(func, model, adapter, modules)
-    results = detect_lora(targets, adapter, top_k, epsilon, cache_dir=cache_dir, device=device,
-                          progress=progress)
-    return IntruderReport([r.report() for r in results], top_k, epsilon, adapter)
+        return model_pair_layers(func, model, tuned_model, modules)
+    return peft_model_layers(func, model, adapter_name, modules)
 
 
-def _find_full(func, model, tuned_model, top_k, epsilon, modules, cache_dir, device, progress):
-    spectrum = spectrum_source(cache_dir)
-    reports = []
-    for pair in tqdm(peft_layers.weight_targets(func, model, tuned_model, modules), desc=func,
-                     unit="module", disable=not progress):
-        W0, W = pair.weights(device)
-        top = weight_topk(W, spectrum(W0), resolve_top_k(top_k, W0.shape))
-        reports.append(_module_report(pair.name, pair.kind, W0.shape, None, None, top,
-                                      _intruders(top, epsilon)))
-    return IntruderReport(reports, top_k, epsilon, None)
+def find_intruders(model, tuned_model=None, *, adapter_name=None, top_k=10, epsilon=0.5,
+                   modules=None, cache_dir=None, device=None, progress=True,
+                   skip_nonfinite=False) -> IntruderReport:
+    """Find intruder dimensions (Shuttleworth et al., arXiv 2410.21228).
+
+    ``y_j`` (the j-th left singular vector of the tuned weight ``W``, j < top_k) is an intruder
+    when ``max_i |cos(y_j, x_i)| < epsilon`` over all left singular vectors ``x_i`` of the base
+    weight ``W0``. Vectors live in each layer's output space, as for ``nn.Linear``
+    (``Conv1D`` and ``nn.Embedding`` weights are transposed first, see
+    :mod:`intruder_ext.layers`); half-precision weights are analysed in float32 or better.
+
+    Args:
+        model: a ``peft.PeftModel`` with LoRA adapter(s) (``W = W0 + s B A`` per LoRA layer);
+            or the base model of a full fine-tuning pair, with ``tuned_model`` the fine-tuned
+            one (every ``nn.Linear``/``Conv1D``/``nn.Embedding`` is compared by name); or a
+            base checkpoint (a directory or Hub id ``org/name[@revision]``), with
+            ``tuned_model`` a PEFT LoRA adapter or a fully fine-tuned checkpoint: read tensor by
+            tensor, no model is built.
+        adapter_name: which LoRA adapter of a PeftModel (default: the active one).
+        top_k: how many top singular vectors of ``W`` to examine: an int, or a float in (0, 1)
+            for that fraction of ``min(m, n)`` (rounded up).
+        epsilon: the cosine threshold, a positive number (1 or more flags every vector).
+        modules: restrict to these module names (full names, or suffixes such as ``"q_proj"``).
+        cache_dir: where base spectra are cached on disk (``None``: the cache's default; a
+            :class:`~intruder_ext.cache.SpectrumCache`; ``False``: no cache).
+        device: compute there (``"auto"``: CUDA when available; default: where each weight
+            lives, the CPU for checkpoints).
+        progress: show a tqdm bar over the modules.
+        skip_nonfinite: skip (and report as skipped) a module whose weight or factors hold NaN
+            or inf, instead of raising ``ValueError`` naming it.
+
+    Returns an :class:`~intruder_ext.report.IntruderReport`; nothing is changed.
+    """
+    func = "find_intruders"
+    top_k = checks.top_k(func, top_k)
+    epsilon = checks.epsilon(func, "epsilon", epsilon)
+    device = checks.device(func, device)
+    layer_set = layer_sources(func, model, tuned_model, adapter_name, modules)
+    results, skipped = detect_layers(layer_set, top_k, epsilon, cache_dir=cache_dir,
+                                     device=device, progress=progress,
+                                     skip_nonfinite=skip_nonfinite)
+    return IntruderReport([r.record for r in results], top_k, epsilon, layer_set.adapter_name,
+                          skipped)
+
+
+@dataclass
+class LayerView:
+    """What a layer's plots show, from the fast path: the top :data:`VIEW_K` singular values of
+    ``W`` and ``W0`` and ``|cos|`` between the top vectors of ``W`` (rows) and of ``W0``."""
+
+    name: str
+    sigma_base: torch.Tensor
+    sigma_tuned: torch.Tensor
+    similarity: torch.Tensor  # (k, k)
+    intruders: list[int]
+
+
+def layer_view(layer: Layer, spectrum, intruders: list[int], device=None,
+               k: int = VIEW_K) -> LayerView:
+    """The plotted quantities of one layer, ``intruders`` marked: the base spectrum (cached) and
+    the top-k of ``W`` by the certified iteration, never two dense SVDs."""
+    W0 = layer.base_weight(device)
+    base = spectrum(W0)
+    k = min(k, *layer.shape)
+    top = _top(layer, base, k)
+    sim = (top.U.mT @ base.U[:, :k].to(top.U.dtype)).abs()
+    return LayerView(layer.name, base.S[:k].detach().float().cpu(),
+                     top.sigma.detach().float().cpu(), sim.detach().float().cpu(),
+                     list(intruders))

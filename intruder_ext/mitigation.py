@@ -11,79 +11,120 @@ Its SVD comes from :func:`intruder_ext.spectral.lowrank_svd` on those two thin f
 each and a tiny core SVD, same-shaped layers batched). Keeping the top r triplets, split as
 ``B' = U sqrt(S)``, ``A' = sqrt(S) Vh``, is PEFT's result (``rank="peft"``); keeping all r + |I|
 (``rank="exact"``, per-module ranks through ``rank_pattern``/``alpha_pattern``) is the exact
-mitigated update.
+mitigated update. Two entry points: :func:`reduce_intruder_dimension` on a PeftModel in memory
+(PEFT's signature), and :func:`mitigate_checkpoint` on checkpoints on disk, which writes a new
+adapter or merged model without building any model.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from numbers import Real
 
 import torch
+from tqdm.auto import tqdm
 
-from . import peft_layers
-from .detection import LayerResult, check_epsilon, check_top_k, detect_lora
+from . import checks
+from .checkpoints import (atomic_directory, check_new_output, save_safetensors, write_json,
+                          write_model_like, ADAPTER_SAFETENSORS, ADAPTER_CONFIG)
+from .detection import LayerResult, detect_layers
+from .layers import (LayerError, checkpoint_layers, copy_peft_extras, pattern_key,
+                     peft_model_layers, write_peft_factors, check_adapter)
 from .report import IntruderReport
 from .spectral import lowrank_svd
 
-_RANK_POLICIES = ("peft", "exact")
+
+def _quiet(*args, **kwargs):
+    pass
 
 
-def _check_lambda(func: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) \
-            or value < 0:
-        raise ValueError(f"{func}: mitigation_lambda must be a finite number >= 0 (got {value!r})")
-    return float(value)
+def mitigated_factors(results: list[LayerResult], mitigation_lambda: float, rank: str,
+                      log=_quiet) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """New ``(B', A')`` (map orientation) for every layer with intruders, keyed by layer name.
+    Layers whose stacked factors have the same shapes, dtype and device share one
+    :func:`lowrank_svd` call.
 
-
-def mitigated_factors(results: list[LayerResult], B_A: dict, mitigation_lambda: float,
-                      rank: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """New ``(B', A')`` for every layer with intruders, keyed by module name.
-
-    ``B_A[name]`` holds the old ``(B, A)`` in map orientation. Layers whose stacked factors have
-    the same shapes, dtype and device share one :func:`lowrank_svd` call.
-    """
-    groups: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor, int]]] = {}
+    A rank the layer cannot hold is handled exactly: with ``rank="peft"`` and ``r > min(m, n)``
+    the factors are padded with zero columns (the update has rank at most min(m, n), so nothing
+    is lost); with ``rank="exact"``, ``r + |I|`` is clamped to ``min(m, n)``. Both are logged."""
+    groups: dict[tuple, list] = {}
     for res in results:
         if not res.intruders:
             continue
-        B, A = B_A[res.target.name]
-        idx = torch.tensor(res.intruders, device=res.top.U.device)
-        Y = res.top.U.index_select(1, idx).to(B.dtype)
-        S = res.top.sigma.index_select(0, idx).to(B.dtype)
-        Zt = res.top.Vh.index_select(0, idx).to(A.dtype)
-        Bf = torch.cat([B, Y * (S * ((mitigation_lambda - 1.0) / res.scale))], dim=1)
+        layer, top = res.layer, res.top
+        if layer.scale == 0:
+            raise LayerError(f"module {layer.name!r} has LoRA scale 0 (lora_alpha = 0): its "
+                             "mitigated update cannot be stored as scale * B @ A")
+        B, A = layer.factors(top.U.device, dtype=top.U.dtype)
+        idx = torch.tensor(res.intruders, device=top.U.device)
+        Y, S, Zt = top.U.index_select(1, idx), top.sigma.index_select(0, idx), \
+            top.Vh.index_select(0, idx)
+        Bf = torch.cat([B, Y * (S * ((mitigation_lambda - 1.0) / layer.scale))], dim=1)
         Af = torch.cat([A, Zt], dim=0)
-        # Exact: all r + |I| columns (lowrank_svd returns at most min(m, n) of them).
-        keep = res.rank if rank == "peft" else Bf.shape[1]
-        key = (tuple(Bf.shape), tuple(Af.shape), Bf.dtype, Bf.device)
-        groups.setdefault(key, []).append((res.target.name, Bf, Af, keep))
+        m, n = layer.shape
+        full = Bf.shape[1]
+        if rank == "peft":
+            keep = layer.rank
+            if keep > min(m, n):
+                log(f"{layer.name}: rank {keep} exceeds min(m, n) = {min(m, n)}; the extra "
+                    "columns of the new factors are zero (the update has no higher rank)")
+        else:
+            keep = min(full, m, n)
+            if keep < full:
+                log(f"{layer.name}: exact rank r + {len(res.intruders)} = {full} clamped to "
+                    f"min(m, n) = {keep} (the update has no higher rank)")
+        groups.setdefault((tuple(Bf.shape), tuple(Af.shape), Bf.dtype, Bf.device), []).append(
+            (layer.name, Bf, Af, keep))
     out = {}
     for members in groups.values():
         U, S, Vh = lowrank_svd(torch.stack([m[1] for m in members]),
                                torch.stack([m[2] for m in members]))
         root = S.clamp_min(0).sqrt()
         for i, (name, _, _, keep) in enumerate(members):
-            out[name] = (U[i, :, :keep] * root[i, :keep], root[i, :keep, None] * Vh[i, :keep])
+            have = min(keep, U.shape[-1])
+            B = U[i, :, :have] * root[i, :have]
+            A = root[i, :have, None] * Vh[i, :have]
+            if keep > have:  # zero columns: the same product at the rank the adapter expects
+                B = torch.cat([B, B.new_zeros(B.shape[0], keep - have)], dim=1)
+                A = torch.cat([A, A.new_zeros(keep - have, A.shape[1])], dim=0)
+            out[name] = (B, A)
     return out
 
 
+def exact_patterns(results: list[LayerResult], factors: dict, use_rslora: bool):
+    """``rank_pattern``/``alpha_pattern`` entries for the layers whose rank changed, each alpha
+    keeping the layer's scale; keys match exactly one module name."""
+    ranks, alphas = {}, {}
+    for res in results:
+        if res.layer.name not in factors:
+            continue
+        q = factors[res.layer.name][0].shape[1]
+        if q == res.layer.rank:
+            continue
+        key = pattern_key(res.layer.name)
+        ranks[key] = q
+        alphas[key] = res.layer.scale * (math.sqrt(q) if use_rslora else q)
+    return ranks, alphas
+
+
+def _check_args(func, top_k, threshold_epsilon, mitigation_lambda, rank, device):
+    return (checks.top_k(func, top_k), checks.epsilon(func, "threshold_epsilon", threshold_epsilon),
+            checks.mitigation_lambda(func, mitigation_lambda), checks.rank_policy(func, rank),
+            checks.device(func, device))
+
+
+# ---------------------------------------------------------------------------------- in memory
 def _new_config(old_config, results: list[LayerResult], factors: dict, rank: str):
     """The new adapter's LoraConfig: the old one, with per-module ranks (and alphas that keep
-    each module's scale) for ``rank="exact"``. Initialisation is skipped: every factor is
-    written afterwards, and inits such as PiSSA would otherwise touch the base weights."""
+    each module's scale) for ``rank="exact"``. Initialisation is skipped (every factor is
+    written afterwards; inits such as PiSSA would touch the base weights), and ``bias`` is
+    "none": PEFT allows one adapter with biases, and the trained biases live in the base layers,
+    shared by every adapter, so the new one needs no copy."""
     cfg = copy.deepcopy(old_config)
     cfg.init_lora_weights = False
+    cfg.bias = "none"
     if rank == "exact":
-        ranks, alphas = {}, {}
-        for res in results:
-            if res.target.name not in factors:
-                continue
-            q = factors[res.target.name][0].shape[1]
-            key = peft_layers.pattern_key(res.target.name)
-            ranks[key] = q
-            alphas[key] = res.scale * (math.sqrt(q) if cfg.use_rslora else q)
+        ranks, alphas = exact_patterns(results, factors, cfg.use_rslora)
         # PEFT takes the first matching key: ours (exact names) must come first.
         cfg.rank_pattern = {**ranks, **(cfg.rank_pattern or {})}
         cfg.alpha_pattern = {**alphas, **(cfg.alpha_pattern or {})}
@@ -98,14 +139,16 @@ def reduce_intruder_dimension(peft_model, old_adapter_name="default",
 
     Adds the adapter ``new_adapter_name`` holding the mitigated update of ``old_adapter_name``
     (which is left untouched) and makes it the active adapter; ``peft_model.set_adapter(old)``
-    switches back. Layers without intruders get the old factors unchanged; the trained copies
-    of ``modules_to_save`` are carried over to the new adapter.
+    switches back. Layers without intruders get the old factors unchanged; the new factors take
+    the old adapter's dtype and device; ``lora_B`` biases and the trained copies of
+    ``modules_to_save`` are carried over. ``threshold_epsilon`` of 1 or more flags every vector,
+    as in PEFT.
 
     Args (beyond PEFT's):
         rank: ``"peft"`` keeps each layer's rank r, the best rank-r approximation, as PEFT does.
             ``"exact"`` keeps rank r + |I| on layers with intruders (through the new config's
             ``rank_pattern``/``alpha_pattern``, with the same scale), so the stored update is the
-            mitigated one up to float32 round-off.
+            mitigated one up to round-off.
         cache_dir, device, progress: as for :func:`intruder_ext.find_intruders`.
 
     Returns the :class:`IntruderReport` of ``old_adapter_name`` that drove the mitigation.
@@ -119,45 +162,40 @@ def reduce_intruder_dimension(peft_model, old_adapter_name="default",
 
 def _reduce(func, peft_model, old_adapter_name, new_adapter_name, top_k, threshold_epsilon,
             mitigation_lambda, logging_sink, rank, cache_dir, device, progress):
-    top_k = check_top_k(func, top_k)
-    epsilon = check_epsilon(func, "threshold_epsilon", threshold_epsilon)
-    lam = _check_lambda(func, mitigation_lambda)
-    if rank not in _RANK_POLICIES:
-        raise ValueError(f"{func}: rank must be one of {_RANK_POLICIES} (got {rank!r})")
-    old = peft_layers.check_adapter(func, "old_adapter_name", peft_model, old_adapter_name)
+    top_k, epsilon, lam, rank, device = _check_args(func, top_k, threshold_epsilon,
+                                                    mitigation_lambda, rank, device)
+    old = check_adapter(func, "old_adapter_name", peft_model, old_adapter_name)
     if not isinstance(new_adapter_name, str) or not new_adapter_name:
         raise ValueError(f"{func}: new_adapter_name must be a non-empty string "
                          f"(got {new_adapter_name!r})")
     if new_adapter_name in peft_model.peft_config:
         raise ValueError(f"{func}: new_adapter_name={new_adapter_name!r} already exists "
                          f"(adapters: {list(peft_model.peft_config)})")
-    sink = logging_sink if logging_sink is not None else (lambda *a, **k: None)
-    targets = peft_layers.lora_targets(func, peft_model, old)
+    sink = logging_sink if logging_sink is not None else _quiet
+    layer_set = peft_model_layers(func, peft_model, old)
 
     # Everything that can fail on the maths happens before the model is touched.
-    results = detect_lora(targets, old, top_k, epsilon, cache_dir=cache_dir, device=device,
-                          progress=progress, desc=func)
-    B_A = {r.target.name: r.target.factors(old, r.top.U.device) for r in results if r.intruders}
-    factors = mitigated_factors(results, B_A, lam, rank)
+    results, _ = detect_layers(layer_set, top_k, epsilon, cache_dir=cache_dir, device=device,
+                               progress=progress, desc=func)
+    factors = mitigated_factors(results, lam, rank, sink)
     config = _new_config(peft_model.peft_config[old], results, factors, rank)
 
     active_before = list(peft_model.active_adapters)
     try:
         peft_model.add_adapter(new_adapter_name, config)
         for res in results:
-            t = res.target
-            if t.name in factors:
-                sink(f"{t.name}: Intruders: {len(res.intruders)}")
-                t.write_factors(new_adapter_name, *factors[t.name])
+            layer = res.layer
+            if layer.name in factors:
+                sink(f"{layer.name}: Intruders: {len(res.intruders)}")
+                write_peft_factors(layer, new_adapter_name, *factors[layer.name], like=old)
             else:
-                sink(f"{t.name}: No intruders")
-                t.copy_adapter(old, new_adapter_name)
-            t.copy_bias(old, new_adapter_name)
-            if not math.isclose(t.scale(new_adapter_name), res.scale, rel_tol=1e-6):
-                raise RuntimeError(f"{func}: module {t.name!r} got scale "
-                                   f"{t.scale(new_adapter_name)} in the new adapter, expected "
-                                   f"{res.scale}")
-        _copy_modules_to_save(peft_model, old, new_adapter_name)
+                sink(f"{layer.name}: No intruders")
+                write_peft_factors(layer, new_adapter_name, *layer.factors(), like=old)
+            got = float(layer.module.scaling[new_adapter_name])
+            if not math.isclose(got, layer.scale, rel_tol=1e-6):
+                raise RuntimeError(f"{func}: module {layer.name!r} got scale {got} in the new "
+                                   f"adapter, expected {layer.scale}")
+        copy_peft_extras(peft_model, layer_set.layers, old, new_adapter_name)
         sink(f"Enabling new adapter {new_adapter_name}")
         peft_model.set_adapter(new_adapter_name)
     except BaseException:
@@ -166,18 +204,7 @@ def _reduce(func, peft_model, old_adapter_name, new_adapter_name, top_k, thresho
         if list(peft_model.active_adapters) != active_before and len(active_before) == 1:
             peft_model.set_adapter(active_before[0])
         raise
-    return IntruderReport([r.report() for r in results], top_k, epsilon, old)
-
-
-def _copy_modules_to_save(peft_model, old: str, new: str) -> None:
-    # PEFT's add_adapter copies modules_to_save from the *original* module; the new adapter
-    # should carry the old adapter's trained copy instead.
-    from peft.utils import ModulesToSaveWrapper
-
-    for module in peft_model.modules():
-        if isinstance(module, ModulesToSaveWrapper) and old in module.modules_to_save \
-                and new in module.modules_to_save:
-            module.modules_to_save[new].load_state_dict(module.modules_to_save[old].state_dict())
+    return IntruderReport([r.record for r in results], top_k, epsilon, old)
 
 
 def merge_and_unload_with_reduced_intruder_dimensions(peft_model, adapter_name="default", top_k=10,
@@ -192,10 +219,61 @@ def merge_and_unload_with_reduced_intruder_dimensions(peft_model, adapter_name="
     rank-r approximation, as merging PEFT's mitigated adapter would.
     """
     func = "merge_and_unload_with_reduced_intruder_dimensions"
-    adapter_name = peft_layers.check_adapter(func, "adapter_name", peft_model, adapter_name)
+    adapter_name = check_adapter(func, "adapter_name", peft_model, adapter_name)
     tmp = adapter_name + "_intruder_reduced"
     while tmp in peft_model.peft_config:
         tmp += "_"
     _reduce(func, peft_model, adapter_name, tmp, top_k, threshold_epsilon, mitigation_lambda,
             logging_sink, rank, cache_dir, device, progress)
     return peft_model.merge_and_unload(adapter_names=[tmp])
+
+
+# ---------------------------------------------------------------------------------- on disk
+def mitigate_checkpoint(base, adapter, out, *, top_k=10, threshold_epsilon=0.5,
+                        mitigation_lambda=0.75, rank="peft", merge=False, cache_dir=None,
+                        device=None, progress=True, logging_sink=None) -> IntruderReport:
+    """Mitigate the LoRA adapter ``adapter`` (a directory or Hub id) of the base checkpoint
+    ``base`` and write the result to the new directory ``out``, without building any model.
+
+    Writes a PEFT adapter (``adapter_config.json`` with per-module ``rank_pattern`` and
+    ``alpha_pattern`` where ranks change, and ``adapter_model.safetensors`` in the adapter's own
+    dtypes), or with ``merge=True`` the merged model as safetensors shards in BASE's layout and
+    dtype, with its index, config and tokenizer files. Layers are read and analysed one at a
+    time and the merged model is written one tensor at a time, so memory is bounded by a layer,
+    not by the model. ``out`` is checked before any work and written atomically: it holds the
+    complete result or does not exist. Arguments as for :func:`reduce_intruder_dimension`.
+    Returns the report of the original adapter.
+    """
+    func = "mitigate"
+    top_k, epsilon, lam, rank, device = _check_args(func, top_k, threshold_epsilon,
+                                                    mitigation_lambda, rank, device)
+    sink = logging_sink if logging_sink is not None else _quiet
+    layer_set, ckpt = checkpoint_layers(func, base, adapter, tuned_label="ADAPTER",
+                                        side_files=merge)
+    out = check_new_output(out, "--out", layer_set.inputs, directory=True)
+    if merge:
+        ckpt.check_mergeable()
+    results, skipped = detect_layers(layer_set, top_k, epsilon, cache_dir=cache_dir,
+                                     device=device, progress=progress, desc=func)
+    factors = {}
+    for res in results:  # one layer at a time: only the new factors are kept
+        factors.update({name: (B.cpu(), A.cpu())
+                        for name, (B, A) in mitigated_factors([res], lam, rank, sink).items()})
+        res.top = None
+    with atomic_directory(out) as tmp:
+        if merge:
+            bar = tqdm(total=len(ckpt.base.store.keys()), desc="writing", unit="tensor",
+                       disable=not progress)
+            with bar:
+                write_model_like(tmp, ckpt.base, lambda key: ckpt.merged_tensor(key, factors),
+                                 bar)
+        else:
+            config = dict(ckpt.adapter.raw_config)
+            if rank == "exact":
+                ranks, alphas = exact_patterns(results, factors, ckpt.config["use_rslora"])
+                config["rank_pattern"] = {**ranks, **ckpt.config["rank_pattern"]}
+                config["alpha_pattern"] = {**alphas, **ckpt.config["alpha_pattern"]}
+            tensors = ckpt.adapter_tensors(factors)
+            save_safetensors(tmp / ADAPTER_SAFETENSORS, tensors)
+            write_json(tmp / ADAPTER_CONFIG, config)
+    return IntruderReport([r.record for r in results], top_k, epsilon, "default", skipped)

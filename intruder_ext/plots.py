@@ -1,8 +1,8 @@
 """Plots (matplotlib, PNG, Agg backend) and the Markdown report that embeds them.
 
-Everything here draws from plain numbers (lists, tensors); nothing depends on how they were
-computed. The one computation done here is the similarity matrix of a few chosen layers, which
-needs full singular vectors and is affordable for a handful of layers only.
+Everything here draws from numbers already computed: the per-layer records of a report and the
+layer views of :func:`intruder_ext.detection.layer_view` (base spectrum and the top-k of the
+tuned weight by the fast path). Nothing is recomputed here with another method.
 """
 
 from __future__ import annotations
@@ -12,31 +12,25 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from .checkpoints import atomic_file
+
 import matplotlib
 
 matplotlib.use("Agg")  # no display: files only, safe on servers and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def similarity_matrix(W0: torch.Tensor, W: torch.Tensor, k: int = 32) -> torch.Tensor:
-    """|U_W[:, :k]^T U_W0[:, :k]|: cosine between the top-k left singular vectors of W and W0."""
-    if W0.shape != W.shape:
-        raise ValueError(f"similarity_matrix: W0 and W must have the same shape "
-                         f"(got {tuple(W0.shape)} and {tuple(W.shape)})")
-    U0 = torch.linalg.svd(W0.detach().double(), full_matrices=False).U
-    U = torch.linalg.svd(W.detach().double(), full_matrices=False).U
-    k = min(k, U.shape[1])
-    return (U[:, :k].T @ U0[:, :k]).abs().float()
-
-
-def singular_values(W: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.svdvals(W.detach().double()).float()
+# The thresholds of the "intruder count against epsilon" plots.
+EPSILONS = [round(0.05 * i, 2) for i in range(1, 20)]
 
 
 def _save(fig, path: str) -> str:
+    """Written atomically (a temporary name, then renamed): never a truncated PNG."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -157,7 +151,7 @@ def write_markdown(path: str, title: str, sections: Sequence[tuple[str, str]],
         for caption, image in images:
             rel = os.path.relpath(os.path.abspath(image), base).replace(os.sep, "/")
             lines += [f"### {caption}", "", f"![{caption}]({rel})", ""]
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         f.write("\n".join(lines))
     return path
 
@@ -168,3 +162,56 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def short_name(name: str) -> str:
+    """A layer name without the leading model path (``model.layers.0.x`` -> ``layers.0.x``)."""
+    for marker in ("model.", "encoder.", "transformer."):
+        if marker in name:
+            return name.split(marker, 1)[-1]
+    return name
+
+
+def report_plots(report, directory: str, epsilons=None) -> list[tuple[str, str]]:
+    """Intruders per layer and count against epsilon, from a report's records."""
+    epsilons = EPSILONS if epsilons is None else epsilons
+    names = [short_name(m.name) for m in report]
+    return [
+        ("Intruders per layer", plot_counts_per_layer(
+            names, [m.num_intruders for m in report],
+            f"Intruders in top-{report.top_k} (epsilon={report.epsilon})",
+            os.path.join(directory, "intruders_per_layer.png"))),
+        ("Intruder count against epsilon", plot_count_vs_epsilon(
+            {"all layers": count_vs_epsilon([m.max_cos.tolist() for m in report], epsilons)},
+            epsilons, f"Intruder count against epsilon (top-{report.top_k})",
+            os.path.join(directory, "count_vs_epsilon.png"))),
+    ]
+
+
+def layer_plots(view, directory: str, suffix: str, label: str = "") -> dict:
+    """Similarity heatmap and spectra of one layer view (``detection.LayerView``):
+    ``{"heatmap": (caption, path), "spectrum": (caption, path)}``."""
+    name = (label + ": " if label else "") + short_name(view.name)
+    return {
+        "heatmap": (f"Similarity |U_tuned^T U_base|: {name}", plot_similarity(
+            view.similarity, f"|U_tuned^T U_base|, {name}",
+            os.path.join(directory, f"heatmap{suffix}.png"), view.intruders)),
+        "spectrum": (f"Spectrum of W and W0: {name}", plot_spectrum(
+            view.sigma_base, view.sigma_tuned, view.intruders, f"singular values, {name}",
+            os.path.join(directory, f"spectrum{suffix}.png"))),
+    }
+
+
+def report_summary(report, base: str, tuned: str) -> str:
+    """The Markdown summary of a detection: totals, then one row per layer."""
+    rows = [[m.name, "x".join(map(str, m.shape)), m.num_intruders,
+             f"{float(m.max_cos.min()):.3f}" if len(m.max_cos) else "-"] for m in report]
+    t = report.totals
+    text = (f"BASE: `{base}`  \nTUNED: `{tuned}`  \n"
+            f"top-k = {report.top_k}, epsilon = {report.epsilon}: **{t['intruders']} intruders** "
+            f"in {t['modules_with_intruders']} of {t['modules']} layers.\n\n"
+            + markdown_table(["layer", "shape", "intruders", "min max|cos|"], rows))
+    if report.skipped:
+        text += "\n\nSkipped:\n\n" + "\n".join(f"- `{s.name}`: {s.reason}"
+                                                 for s in report.skipped)
+    return text

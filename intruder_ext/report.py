@@ -1,4 +1,6 @@
-"""Result classes of :func:`intruder_ext.find_intruders`."""
+"""Result classes of :func:`intruder_ext.find_intruders`: one record per layer
+(:class:`ModuleReport`), from which every view is derived (JSON, the text table, Markdown
+reports and plots, written adapters)."""
 
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class IntruderReport:
     top_k: int | float
     epsilon: float
     adapter_name: str | None = None  # None for a (base, tuned) full fine-tuning pair
+    skipped: list = field(default_factory=list)  # layers.Skipped: found, not analysed, and why
     totals: dict = field(init=False)
 
     def __post_init__(self):
@@ -64,6 +67,7 @@ class IntruderReport:
             "modules_with_intruders": sum(1 for m in self.modules if m.intruders),
             "intruders": sum(m.num_intruders for m in self.modules),
             "unconverged": sum(1 for m in self.modules if not m.converged),
+            "skipped": len(self.skipped),
         }
 
     def __len__(self) -> int:
@@ -80,10 +84,12 @@ class IntruderReport:
 
     def to_dict(self) -> dict:
         return {"adapter_name": self.adapter_name, "top_k": self.top_k, "epsilon": self.epsilon,
-                "totals": dict(self.totals), "modules": [m.to_dict() for m in self.modules]}
+                "totals": dict(self.totals), "modules": [m.to_dict() for m in self.modules],
+                "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped]}
 
     def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
+        """The report as JSON; always valid JSON (a NaN or inf is an error, never written)."""
+        return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
 
     def __str__(self) -> str:
         head = ("module", "shape", "rank", "intruders", "min max_cos", "top sigma", "cert")
@@ -106,4 +112,5 @@ class IntruderReport:
         lines.append(f"{src}: {t['intruders']} intruders in {t['modules_with_intruders']} of "
                      f"{t['modules']} modules (top_k={self.top_k}, epsilon={self.epsilon})"
                      + (f", {t['unconverged']} not converged" if t["unconverged"] else ""))
+        lines += [f"skipped {s.name}: {s.reason}" for s in self.skipped]
         return "\n".join(lines)

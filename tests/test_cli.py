@@ -194,15 +194,17 @@ def test_missing_path(models, tmp_path, capsys):
 
 def test_not_a_peft_dir(models, tmp_path, capsys):
     assert_user_error(cli(capsys, "detect", models / "base", models / "empty"),
-                      "neither a PEFT adapter directory")
+                      "is not a PEFT adapter directory", "nor a model directory")
     assert_user_error(cli(capsys, "mitigate", models / "base", models / "full", "--out",
-                              tmp_path / "o"), "is not a PEFT adapter directory")
+                              tmp_path / "o"), "ADAPTER", "is not a PEFT adapter directory")
     assert not (tmp_path / "o").exists()
+    assert_user_error(cli(capsys, "detect", models / "empty", models / "adapter"),
+                      "BASE", "has no model weights")
 
 
 def test_mismatched_base(models, tmp_path, capsys):
     assert_user_error(cli(capsys, "detect", models / "wide_base", models / "adapter"),
-                      "does not match BASE", "(32, 32)", "(48, 48)")
+                      "does not match BASE", "(32, 32)", "(48, 48)", "attention.self.")
     assert_user_error(cli(capsys, "detect", models / "wide_base", models / "full"),
                       "TUNED does not match BASE")
 
@@ -220,21 +222,27 @@ def test_usage_errors_exit_2(capsys):
     res = cli(capsys, "detect")
     assert res.returncode == 2 and "usage:" in res.stderr
     res = cli(capsys, "demo", "--epochs", "0")
-    assert res.returncode == 2 and "expected a positive integer, got '0'" in res.stderr
+    assert res.returncode == 2 and "must be a positive integer (got 0)" in res.stderr
+    res = cli(capsys, "demo", "--epochs", "two")
+    assert res.returncode == 2 and "expected a positive integer, got 'two'" in res.stderr
     res = cli(capsys, "mitigate", "a", "b", "--out", "c", "--lambda", "-0.5")
-    assert res.returncode == 2 and "expected a number >= 0, got '-0.5'" in res.stderr
+    assert res.returncode == 2 and "mitigation_lambda must be a finite number >= 0 (got -0.5)" \
+        in res.stderr
     res = cli(capsys, "detect", "a", "b", "--epsilon", "0")
-    assert res.returncode == 2 and "expected a number in (0, 1], got '0'" in res.stderr
+    assert res.returncode == 2 and "epsilon must be a positive number (got 0.0)" in res.stderr
     res = cli(capsys, "detect", "a", "b", "--top-k", "1.5")
-    assert res.returncode == 2 and "a fraction in (0, 1), got '1.5'" in res.stderr
+    assert res.returncode == 2 and "top_k must be an int >= 1 or a float in (0, 1) (got 1.5)" \
+        in res.stderr
+    res = cli(capsys, "detect", "a", "b", "--device", "tpu")
+    assert res.returncode == 2 and "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'" in res.stderr
 
 
 def test_option_types_follow_the_python_api():
     from intruder_ext.cli import build_parser
 
     args = build_parser().parse_args(["mitigate", "a", "b", "--out", "c", "--lambda", "1.5",
-                                      "--top-k", "0.25", "--epsilon", "1"])
-    assert (args.mitigation_lambda, args.top_k, args.epsilon) == (1.5, 0.25, 1.0)
+                                      "--top-k", "0.25", "--epsilon", "999"])
+    assert (args.mitigation_lambda, args.top_k, args.epsilon) == (1.5, 0.25, 999.0)
     assert build_parser().parse_args(["detect", "a", "b", "--top-k", "7"]).top_k == 7
 
 
@@ -262,6 +270,6 @@ def test_demo_smoke(tmp_path):
 def test_modules_matching_nothing(models, tmp_path, capsys):
     assert_user_error(cli(capsys, "detect", models / "base", models / "adapter", "--modules",
                           "q_proj", "--cache-dir", tmp_path / "cache"),
-                      "find_intruders: modules ['q_proj'] match no layer")
+                      "detect: modules ['q_proj'] match no layer")
     assert_user_error(cli(capsys, "cache", models / "base", "--modules", "q_proj",
                           "--cache-dir", tmp_path / "cache"), "match no layer")

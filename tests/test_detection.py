@@ -194,8 +194,9 @@ def test_minilm_lora():
 # ---- bad input: clear errors, nothing changed ----
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"epsilon": 0}, r"find_intruders: epsilon must be a number in \(0, 1\] \(got 0\)"),
-    ({"epsilon": 1.5}, r"epsilon must be .*got 1.5"),
+    ({"epsilon": 0}, r"find_intruders: epsilon must be a positive number \(got 0\)"),
+    ({"epsilon": float("nan")}, r"epsilon must be .*got nan"),
+    ({"device": "cuda:7"}, r"find_intruders: device 'cuda:7' asked for, but"),
     ({"top_k": 0}, r"find_intruders: top_k must be an int >= 1 or a float in \(0, 1\) \(got 0\)"),
     ({"top_k": 1.0}, r"top_k .*got 1.0"),
     ({"top_k": True}, r"top_k .*got True"),

@@ -16,32 +16,28 @@ def assert_png(path):
     assert img.shape[0] > 100 and img.shape[1] > 100
 
 
-def test_similarity_matrix_of_a_weight_with_itself_is_the_identity():
-    W = torch.randn(20, 12, generator=torch.Generator().manual_seed(0))
-    sim = plots.similarity_matrix(W, W, k=8)
-    assert sim.shape == (8, 8)
-    torch.testing.assert_close(sim, torch.eye(8), atol=1e-5, rtol=0)
+def test_layer_view_shows_an_intruder_from_the_fast_path():
+    """The heatmap and spectra of a layer come from the base spectrum and the structured top-k:
+    a strong update along a mix of W0's two weakest directions is row 0, matching no base
+    vector; the others are W0's own top vectors (the identity)."""
+    from intruder_ext.detection import layer_view
+    from intruder_ext.layers import Layer
+    from intruder_ext.spectral import base_spectrum
 
-
-def test_similarity_matrix_sees_an_intruder():
     g = torch.Generator().manual_seed(1)
     U0, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
     V0, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
     W0 = U0 @ torch.diag(torch.arange(16, 0, -1.0)) @ V0.T
-    # add 100 * y z^T with y, z in the span of W0's two weakest singular pairs: the top singular
-    # vector of W is y, orthogonal to every top-8 singular vector of W0
     y = (U0[:, 14] + U0[:, 15]) / 2 ** 0.5
     z = (V0[:, 14] + V0[:, 15]) / 2 ** 0.5
-    sim = plots.similarity_matrix(W0, W0 + 100 * torch.outer(y, z), k=8)
-    assert sim.shape == (8, 8)
-    assert sim[0].max() < 1e-4
-    torch.testing.assert_close(sim[1:, :7], torch.eye(8)[:7, :7], atol=1e-4, rtol=0)
-
-
-def test_similarity_matrix_rejects_different_shapes():
-    with pytest.raises(ValueError, match=r"similarity_matrix: W0 and W must have the same shape "
-                                         r"\(got \(4, 3\) and \(3, 4\)\)"):
-        plots.similarity_matrix(torch.zeros(4, 3), torch.zeros(3, 4))
+    layer = Layer("l", "linear", (16, 16), rank=1, scale=1.0, read_base=lambda: W0,
+                  read_factors=lambda: (100 * y[:, None], z[None, :]))
+    view = layer_view(layer, base_spectrum, [0], k=8)
+    assert view.similarity.shape == (8, 8) and view.intruders == [0]
+    assert view.similarity[0].max() < 1e-4
+    torch.testing.assert_close(view.similarity[1:, :7], torch.eye(8)[:7, :7], atol=1e-4, rtol=0)
+    torch.testing.assert_close(view.sigma_base, torch.arange(16, 8, -1.0), rtol=1e-5, atol=0)
+    assert view.sigma_tuned[0] == pytest.approx(100 + (1 + 2) / 2, rel=1e-4)  # + y^T W0 z
 
 
 def test_count_vs_epsilon():
@@ -50,15 +46,14 @@ def test_count_vs_epsilon():
 
 def test_every_plot_writes_a_png(tmp_path):
     g = torch.Generator().manual_seed(2)
-    W0, W = torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g)
+    S0, S = torch.linspace(5, 1, 16), torch.linspace(9, 1, 16)
     files = [
-        plots.plot_similarity(plots.similarity_matrix(W0, W, 10), "sim", tmp_path / "a.png", [0, 3]),
+        plots.plot_similarity(torch.rand(10, 10, generator=g), "sim", tmp_path / "a.png", [0, 3]),
         plots.plot_counts_per_layer(["l0.q", "l0.v", "l1.q"], [2, 0, 1], "per layer",
                                     tmp_path / "b.png"),
         plots.plot_count_vs_epsilon({"r=1": [0, 1, 3], "full": [0, 0, 1]}, [0.2, 0.5, 0.8],
                                     "eps", tmp_path / "c.png"),
-        plots.plot_spectrum(plots.singular_values(W0), plots.singular_values(W), [1], "spec",
-                            tmp_path / "d.png"),
+        plots.plot_spectrum(S0, S, [1], "spec", tmp_path / "d.png"),
         plots.plot_bars(["a", "b"], [3, 0], "n", "bars", tmp_path / "e.png"),
         plots.plot_grouped_bars(["a", "b"], {"tuned": [0.9, 0.8], "mitigated": [0.85, None]},
                                 "acc", "grouped", tmp_path / "f.png"),

@@ -1,0 +1,70 @@
+"""Argument checks shared by the Python API and the command line (whose argparse types wrap
+these): every message names the function, the argument and the value received."""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import torch
+
+RANK_POLICIES = ("peft", "exact")
+
+
+def _number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def epsilon(func: str, arg: str, value) -> float:
+    """The cosine threshold: a vector is an intruder when its max |cos| < epsilon. Any positive
+    number, as in PEFT: values of 1 and above flag every vector (PEFT's tests use 999)."""
+    if not _number(value) or value <= 0:
+        raise ValueError(f"{func}: {arg} must be a positive number (got {value!r})")
+    return float(value)
+
+
+def top_k(func: str, value) -> int | float:
+    """An int >= 1, or a fraction in (0, 1) of ``min(m, n)``."""
+    if isinstance(value, Integral) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    if _number(value) and not isinstance(value, Integral) and 0 < value < 1:
+        return float(value)
+    raise ValueError(f"{func}: top_k must be an int >= 1 or a float in (0, 1) (got {value!r})")
+
+
+def mitigation_lambda(func: str, value) -> float:
+    if not _number(value) or value < 0:
+        raise ValueError(f"{func}: mitigation_lambda must be a finite number >= 0 (got {value!r})")
+    return float(value)
+
+
+def rank_policy(func: str, value) -> str:
+    if value not in RANK_POLICIES:
+        raise ValueError(f"{func}: rank must be one of {RANK_POLICIES} (got {value!r})")
+    return value
+
+
+def positive_int(func: str, arg: str, value) -> int:
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{func}: {arg} must be a positive integer (got {value!r})")
+    return int(value)
+
+
+def device(func: str, value) -> torch.device | None:
+    """``None`` (each weight where it lives), ``"auto"`` (CUDA when available, else CPU), or a
+    device torch knows and this machine has."""
+    if value is None:
+        return None
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{func}: device must be 'auto', 'cpu', 'cuda' or 'cuda:N' "
+                         f"(got {value!r})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{func}: device {value!r} asked for, but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{func}: device {value!r} asked for, but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev
