@@ -50,18 +50,30 @@ def positive_int(func: str, arg: str, value) -> int:
     return int(value)
 
 
+def device_name(func: str, value) -> str | None:
+    """The form of a device argument: ``None``, ``"auto"``, ``"cpu"``, ``"cuda"`` or
+    ``"cuda:N"`` (whether this machine has it is :func:`device`'s business)."""
+    if value is None or value == "auto" or isinstance(value, torch.device):
+        return value
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{func}: device must be 'auto', 'cpu', 'cuda' or 'cuda:N' "
+                         f"(got {value!r})")
+    return value
+
+
 def device(func: str, value) -> torch.device | None:
     """``None`` (each weight where it lives), ``"auto"`` (CUDA when available, else CPU), or a
     device torch knows and this machine has."""
+    value = device_name(func, value)
     if value is None:
         return None
     if value == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(value)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{func}: device must be 'auto', 'cpu', 'cuda' or 'cuda:N' "
-                         f"(got {value!r})") from None
+    dev = torch.device(value)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{func}: device {value!r} asked for, but CUDA is not available here")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no progress bars or status lines (results and errors only)")
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", default="auto",
-                        type=_typed(lambda v: checks.device("--device", v), str,
+                        type=_typed(lambda v: checks.device_name("--device", v), str,
                                     "a device"),
                         help="where to compute: auto (CUDA when available), cpu, cuda, cuda:N")
     detect_opts = argparse.ArgumentParser(add_help=False)
@@ -321,6 +321,9 @@ def main(argv=None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)  # usage errors: argparse prints one line and exits 2
+        if "device" in args:  # whether this machine has it is a run-time error, not usage
+            from . import checks
+            args.device = checks.device(args.command, args.device)
         _quiet_libraries()
         if args.quiet:
             os.environ["TQDM_DISABLE"] = "1"

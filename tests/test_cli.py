@@ -18,12 +18,13 @@ peft = pytest.importorskip("peft")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_cli(*args, cwd=None, timeout=300):
-    """`python -m intruder_ext ARGS` with this interpreter and this copy of the package.
+def run_cli(*args, cwd=None, timeout=300, env=None):
+    """`python -m intruder_ext ARGS` with this interpreter and this copy of the package, with
+    ``env`` added to the environment.
 
     `python -m` puts its working directory first on sys.path: run from the source tree it would
     import the sources (which hold no compiled _C), so the default is a neutral directory."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})}
     root = os.path.dirname(os.path.dirname(os.path.abspath(intruder_ext.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
     return subprocess.run([sys.executable, "-m", "intruder_ext", *map(str, args)],
