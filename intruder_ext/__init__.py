@@ -2,34 +2,40 @@
 
 Intruder dimensions (Shuttleworth et al., arXiv 2410.21228) are top singular vectors of a
 fine-tuned weight that are nearly orthogonal to every singular vector of the base weight.
+
+The names below are imported on first use (PEP 562), so that ``import intruder_ext`` and the
+command line start without loading torch; the compiled ops (``torch.ops.intruder_ext.*``) are
+registered by the first use of one of them, or by ``import intruder_ext.ops``.
 """
 
-import torch  # noqa: F401  (loads libc10/libtorch, which _C links against, first)
+import importlib
 
-try:
-    from . import _C  # noqa: F401  (loads the compiled ops into torch.ops.intruder_ext)
-except ImportError as error:  # the usual cause: importing the source tree, which holds no _C
-    raise ImportError(
-        f"intruder_ext: the compiled library intruder_ext._C could not be loaded from {__path__[0]} "
-        f"({error}). Install the package with `pip install --no-build-isolation .` and import it "
-        "from outside the source tree, or build in place with `python setup.py build_ext --inplace`."
-    ) from error
-from . import _meta  # noqa: F401  (fake implementations for torch.compile / meta tensors)
-from .cache import SpectrumCache
-from .detection import find_intruders
-from .layers import Layer, LayerSet
-from .mitigation import (merge_and_unload_with_reduced_intruder_dimensions, mitigate_checkpoint,
-                         reduce_intruder_dimension)
-from .ops import MaxCosine, batched_svd, cuda_built, max_cosine
-from .report import IntruderReport, ModuleReport
-from .spectral import (BaseSpectrum, TopK, base_spectrum, dense_topk, lora_topk, lowrank_svd,
-                       weight_topk)
-
-__all__ = [
-    "BaseSpectrum", "IntruderReport", "Layer", "LayerSet", "MaxCosine", "ModuleReport",
-    "SpectrumCache", "TopK", "base_spectrum", "batched_svd", "cuda_built", "dense_topk",
-    "find_intruders", "lora_topk", "lowrank_svd", "max_cosine",
-    "merge_and_unload_with_reduced_intruder_dimensions", "mitigate_checkpoint",
-    "reduce_intruder_dimension", "weight_topk",
-]
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "BaseSpectrum": "spectral", "TopK": "spectral", "base_spectrum": "spectral",
+    "dense_topk": "spectral", "lora_topk": "spectral", "lowrank_svd": "spectral",
+    "weight_topk": "spectral",
+    "MaxCosine": "ops", "batched_svd": "ops", "cuda_built": "ops", "max_cosine": "ops",
+    "SpectrumCache": "cache",
+    "IntruderReport": "report", "ModuleReport": "report",
+    "Layer": "layers", "LayerSet": "layers",
+    "find_intruders": "detection",
+    "merge_and_unload_with_reduced_intruder_dimensions": "mitigation",
+    "mitigate_checkpoint": "mitigation", "reduce_intruder_dimension": "mitigation",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'intruder_ext' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

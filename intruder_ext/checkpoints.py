@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -443,15 +444,57 @@ def check_lora_config(cfg, path) -> dict:
 
 
 # ---------------------------------------------------------------------------------- outputs
+def _temp_prefix(dest: Path) -> str:
+    """Temporaries are named after their destination, host and process, so that a later run can
+    tell one left by a killed process (removed) from one being written right now (kept)."""
+    return f".{dest.name}.tmp-{os.getpid()}@{socket.gethostname()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(dest: Path) -> list[Path]:
+    """Remove the temporaries of ``dest`` left by processes of this host that no longer run
+    (killed before they could clean up); returns what was removed."""
+    removed = []
+    head, host = f".{dest.name}.tmp-", socket.gethostname()
+    try:
+        siblings = list(dest.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in siblings:
+        pid, _, rest = entry.name[len(head):].partition("@")
+        if not entry.name.startswith(head) or not pid.isdigit() \
+                or not rest.startswith(host + "-") or _alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
     """A fresh temporary directory beside ``destination``, renamed to it when the block ends
     without error and removed otherwise: ``destination`` holds a complete result or nothing."""
     dest = Path(destination)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    remove_stale_temporaries(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), dir=dest.parent))
     try:
         yield tmp
         os.rename(tmp, dest)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {dest} ({describe_os_error(e)})") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -482,8 +525,23 @@ def check_new_output(path: str | os.PathLike, what: str, inputs=(), *, force: bo
         raise CheckpointError(f"{what} {str(path)!r}: parent directory {str(parent)!r} does not "
                               "exist")
     if not os.access(parent, os.W_OK | os.X_OK):
+        if os.statvfs(parent).f_flag & os.ST_RDONLY:
+            raise CheckpointError(f"{what} {str(path)!r} is on a read-only filesystem")
         raise CheckpointError(f"{what} {str(path)!r}: no permission to write in {str(parent)!r}")
     return out
+
+
+def check_output_directory(path: str | os.PathLike, what: str) -> Path:
+    """A directory a command may write its own files into: an existing writable directory, or a
+    new one whose parent is (checked before any work)."""
+    out = Path(os.path.abspath(os.path.expanduser(path)))
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{what} {str(path)!r} exists and is not a directory")
+    if out.is_dir():
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise CheckpointError(f"{what} {str(path)!r}: no permission to write in it")
+        return out
+    return check_new_output(out, what, directory=True)
 
 
 @contextlib.contextmanager
@@ -491,13 +549,16 @@ def atomic_file(path: str | os.PathLike, mode: str = "w"):
     """An open temporary file beside ``path``, renamed to it when the block ends without error
     and removed otherwise: ``path`` is never left half-written."""
     dest = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    remove_stale_temporaries(dest)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), dir=dest.parent)
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {dest} ({describe_os_error(e)})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-import torch
-
 RANK_POLICIES = ("peft", "exact")
 
 
@@ -50,9 +48,11 @@ def positive_int(func: str, arg: str, value) -> int:
     return int(value)
 
 
-def device_name(func: str, value) -> str | None:
+def device_name(func: str, value):
     """The form of a device argument: ``None``, ``"auto"``, ``"cpu"``, ``"cuda"`` or
     ``"cuda:N"`` (whether this machine has it is :func:`device`'s business)."""
+    import torch  # here, not at the top: the command line parses its arguments before torch loads
+
     if value is None or value == "auto" or isinstance(value, torch.device):
         return value
     try:
@@ -65,9 +65,11 @@ def device_name(func: str, value) -> str | None:
     return value
 
 
-def device(func: str, value) -> torch.device | None:
-    """``None`` (each weight where it lives), ``"auto"`` (CUDA when available, else CPU), or a
-    device torch knows and this machine has."""
+def device(func: str, value):
+    """A ``torch.device``: ``None`` (each weight where it lives), ``"auto"`` (CUDA when
+    available, else CPU), or a device torch knows and this machine has."""
+    import torch
+
     value = device_name(func, value)
     if value is None:
         return None

@@ -69,6 +69,21 @@ def _outputs(args, inputs) -> dict:
 
 
 def _detect_outputs(args, report, layer_set, outputs) -> None:
+    """All of them, or none: a failure (a full disk) removes what this run already wrote."""
+    import shutil
+    created = [p for p in outputs.values() if not os.path.exists(p)]
+    try:
+        _write_detect_outputs(args, report, layer_set, outputs)
+    except BaseException:
+        for path in created:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.unlink(path)
+        raise
+
+
+def _write_detect_outputs(args, report, layer_set, outputs) -> None:
     from . import plots
     from .checkpoints import atomic_file
     from .detection import layer_view, spectrum_source

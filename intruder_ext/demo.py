@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import plots
+from .checkpoints import CheckpointError, check_output_directory
 from .demo_data import LABELS, OUT_OF_TASK, make_task
 from .detection import layer_view, spectrum_source
 from .layers import model_pair_layers, peft_model_layers
@@ -139,6 +140,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     from . import find_intruders, reduce_intruder_dimension
 
     t_start = time.perf_counter()
+    check_output_directory(cfg.out, "--out")  # before minutes of training, not after
+    if cfg.model_path is not None and not os.path.isfile(os.path.join(cfg.model_path,
+                                                                      "config.json")):
+        raise CheckpointError(f"--model {cfg.model_path!r} is not a transformers model directory "
+                              "(no config.json)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

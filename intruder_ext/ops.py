@@ -6,7 +6,18 @@ import os
 import warnings
 from typing import NamedTuple
 
-import torch
+import torch  # loads libc10/libtorch, which _C links against, first
+
+try:
+    from . import _C  # noqa: F401  (loads the compiled ops into torch.ops.intruder_ext)
+except ImportError as error:  # the usual cause: importing the source tree, which holds no _C
+    import os.path
+    raise ImportError(
+        f"intruder_ext: the compiled library intruder_ext._C could not be loaded from "
+        f"{os.path.dirname(__file__)} ({error}). Install the package with `pip install "
+        "--no-build-isolation .` and import it from outside the source tree, or build in place "
+        "with `python setup.py build_ext --inplace`.") from error
+from . import _meta  # noqa: F401, E402  (fake implementations for torch.compile / meta tensors)
 
 
 class MaxCosine(NamedTuple):
