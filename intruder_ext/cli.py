@@ -149,22 +149,24 @@ def cmd_mitigate(args) -> int:
 
 # ---------------------------------------------------------------------------------- cache
 def cmd_cache(args) -> int:
-    from tqdm.auto import tqdm
-
     from .cache import SpectrumCache
     from .checkpoints import ModelDirectory, resolve
+    from .distributed import fill_cache
     from .layers import checkpoint_pair_layers
 
     base = ModelDirectory(resolve(args.base, "BASE"), "BASE")
     # The same layers, orientation and dtype as a detection reads, so that it hits these entries.
     layers = checkpoint_pair_layers("cache", base, base, _modules(args.modules)).layers
     cache = SpectrumCache(args.cache_dir)
-    t0 = time.perf_counter()
-    for layer in tqdm(layers, desc="base spectra", unit="module", disable=args.quiet):
-        cache.get(layer.base_weight(args.device))
-    _log(args, f"{len(layers)} base spectra in {time.perf_counter() - t0:.1f}s "
-               f"({cache.stats.hits} already cached)")
-    print(f"cached {len(layers)} base spectra in {cache.directory}")
+    summary = fill_cache(layers, cache, args.device, progress=not args.quiet)
+    if summary is None:  # another rank than 0 under torchrun: rank 0 reports
+        return 0
+    ranks = "" if summary.ranks == 1 else (
+        f" over {summary.ranks} ranks (busiest {max(summary.per_rank_seconds):.1f}s, "
+        f"idlest {min(summary.per_rank_seconds):.1f}s)")
+    _log(args, f"{summary.weights} base spectra in {summary.seconds:.1f}s{ranks} "
+               f"({summary.already_cached} already cached)")
+    print(f"cached {summary.weights} base spectra in {cache.directory}")
     return 0
 
 
