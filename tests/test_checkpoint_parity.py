@@ -136,3 +136,19 @@ def test_full_fine_tuning_parity(saved, family, tmp_path):
     assert "embedding" in kinds and ("conv1d" in kinds) == (family == "gpt2_conv1d")
     assert intruder_ext.find_intruders(base, tmp_path / "tuned", modules=names[:1],
                                        progress=False, cache_dir=cache).totals["modules"] == 1
+
+
+def test_lora_bias_merges_as_peft_merges_it(tmp_path):
+    """lora_bias=True: the written adapter keeps lora_B's bias, the merge adds scale * bias."""
+    base = save_base("gpt2_conv1d", tmp_path / "base")
+    model = make_adapter("gpt2_conv1d", base, tmp_path / "adapter", lora_bias=True)
+    cache = tmp_path / "cache"
+    mitigate_checkpoint(base, tmp_path / "adapter", tmp_path / "merged", merge=True,
+                        rank="exact", cache_dir=cache, progress=False)
+    want = merge_and_unload_with_reduced_intruder_dimensions(copy.deepcopy(model), rank="exact",
+                                                             cache_dir=cache).state_dict()
+    got = load_base("gpt2_conv1d", tmp_path / "merged").state_dict()
+    bias = "transformer.h.0.attn.c_attn.bias"
+    assert not torch.equal(got[bias], load_base("gpt2_conv1d", base).state_dict()[bias])
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
