@@ -618,16 +618,19 @@ def _hub_error(spec: str, what: str, error: Exception) -> CheckpointError:
     from huggingface_hub import constants
 
     name = type(error).__name__
-    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or constants.HF_HUB_OFFLINE:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else name
+    if name in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError",
+                "HFValidationError"):
+        return CheckpointError(f"{what} {spec!r} is not a local directory nor an available Hub "
+                               f"repository ({first})")
+    if constants.HF_HUB_OFFLINE:
         return CheckpointError(
             f"{what} {spec!r} is not a local directory, and the Hub repository is not in the "
             f"local cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set")
-    if name in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError",
-                "HFValidationError"):
-        first = str(error).strip().splitlines()[0] if str(error).strip() else name
-        return CheckpointError(f"{what} {spec!r} is not a local directory nor an available Hub "
-                               f"repository ({first})")
-    first = str(error).strip().splitlines()[0] if str(error).strip() else name
+    if name == "LocalEntryNotFoundError":  # the Hub could not be reached, nothing cached
+        return CheckpointError(f"{what} {spec!r} is not a local directory, not in the local "
+                               f"Hub cache ({constants.HF_HUB_CACHE}), and the Hub cannot be "
+                               f"reached ({first})")
     return CheckpointError(f"{what} {spec!r}: cannot fetch from the Hub ({first})")
 
 

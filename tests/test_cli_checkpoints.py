@@ -167,3 +167,12 @@ def test_conv1d_adapter_without_fan_in_fan_out(ckpt, tmp_path, capsys):
     assert_user_error(cli(capsys, "mitigate", ckpt / "gpt2", adapter, "--out", tmp_path / "o"),
                       "is a Conv1D layer", "fan_in_fan_out=false")
     assert not (tmp_path / "o").exists()
+
+
+def test_unreachable_hub_is_one_line(ckpt, tmp_path):
+    """Online mode with the Hub out of reach (a closed local port as its endpoint)."""
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE":
+           str(tmp_path / "hub"), "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    res = run_cli("detect", "acme/tiny-llama", ckpt / "llama_adapter", env=env)
+    assert_user_error(res, "BASE 'acme/tiny-llama' is not a local directory",
+                      "the Hub cannot be reached")
