@@ -1,6 +1,8 @@
-"""On-disk cache of base spectra: a base weight's SVD is computed once and reused by every adapter.
+"""On-disk cache of base spectra: a base weight's spectrum is computed once and reused by every
+adapter.
 
-Entries are safetensors files named by a content hash of the weight (its bytes, shape and dtype,
+Entries are safetensors files of ``U`` and ``S`` (what the fast path reads; ``W0`` itself is the
+caller's), named by a content hash of the weight (its bytes, shape and dtype,
 the requested dtype and a format version), so a changed weight never reads a stale entry.
 Writes go to a temporary file in the cache directory and are renamed into place
 (``os.replace`` is atomic), so a crash never leaves a half-written entry under the final name and
@@ -29,8 +31,8 @@ from .spectral import BaseSpectrum, base_spectrum
 __all__ = ["CacheStats", "SpectrumCache", "default_cache_dir"]
 
 # Bump when the stored layout or the way spectra are computed changes: old entries are ignored.
-FORMAT_VERSION = "2"
-_NAMES = ("U", "S", "Vh")
+FORMAT_VERSION = "3"
+_NAMES = ("U", "S")
 _PIECE = 1 << 22  # bytes per independently hashed piece
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -118,8 +120,8 @@ class SpectrumCache:
         return self.directory / f"{self.key(W0, dtype)}.safetensors"
 
     def get(self, W0: torch.Tensor, dtype: torch.dtype = torch.float32) -> BaseSpectrum:
-        """The base spectrum of ``W0`` in ``dtype`` on ``W0``'s device: read from the cache, or
-        computed with :func:`~intruder_ext.spectral.base_spectrum` and stored."""
+        """The base spectrum of ``W0`` in ``dtype`` on ``W0``'s device, with ``W0`` attached: read
+        from the cache, or computed with :func:`~intruder_ext.spectral.base_spectrum` and stored."""
         if not isinstance(W0, torch.Tensor):
             raise TypeError(f"SpectrumCache.get: W0 must be a torch.Tensor (got {type(W0).__name__})")
         if W0.dim() != 2:
@@ -127,17 +129,17 @@ class SpectrumCache:
         key = self.key(W0, dtype)
         path = self.directory / f"{key}.safetensors"
         if path.exists():
-            spectrum = self._load(path, key, W0.shape, dtype)
+            spectrum = self._load(path, key, W0, dtype)
             if spectrum is not None:
                 self.stats.hits += 1
-                return spectrum.to(device=W0.device)
+                return spectrum
             self.stats.corrupt += 1
         self.stats.misses += 1
         spectrum = base_spectrum(W0, dtype=dtype)
         self._store(path, key, spectrum)
         return spectrum
 
-    def _load(self, path: Path, key: str, shape, dtype) -> BaseSpectrum | None:
+    def _load(self, path: Path, key: str, W0: torch.Tensor, dtype) -> BaseSpectrum | None:
         """The entry at ``path``, or None when it is unreadable, truncated or fails to verify."""
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -148,13 +150,12 @@ class SpectrumCache:
         if (meta.get("format") != FORMAT_VERSION or meta.get("key") != key
                 or set(tensors) != set(_NAMES) or meta.get("sha256") != _checksum(tensors)):
             return None
-        m, n = shape
+        m, n = W0.shape
         p = min(m, n)
-        U, S, Vh = (tensors[name] for name in _NAMES)
-        if (tuple(U.shape), tuple(S.shape), tuple(Vh.shape)) != ((m, p), (p,), (p, n)) \
-                or any(t.dtype != dtype for t in (U, S, Vh)):
+        U, S = (tensors[name] for name in _NAMES)
+        if (tuple(U.shape), tuple(S.shape)) != ((m, p), (p,)) or any(t.dtype != dtype for t in (U, S)):
             return None
-        return BaseSpectrum(U, S, Vh)
+        return BaseSpectrum(U.to(W0.device), S.to(W0.device), W0)
 
     def _store(self, path: Path, key: str, spectrum: BaseSpectrum) -> None:
         tensors = {name: getattr(spectrum, name).detach().contiguous().cpu() for name in _NAMES}
