@@ -34,7 +34,8 @@ from intruder_ext.spectral import base_spectrum
 
 DEFAULT_SHAPES = "4096x4096,4096x11008,11008x4096,1024x4096"
 SHAPES = [tuple(int(v) for v in s.lower().split("x"))
-          for s in os.environ.get("INTRUDER_EXT_BENCH_SHAPES", DEFAULT_SHAPES).split(",") if s.strip()]
+          for s in os.environ.get("INTRUDER_EXT_BENCH_SHAPES", DEFAULT_SHAPES).split(",")
+          if s.strip()]
 ROUNDS = int(os.environ.get("INTRUDER_EXT_BENCH_ROUNDS", "1"))
 DEVICE = os.environ.get("INTRUDER_EXT_BENCH_DEVICE", "cpu")
 IMPLS = {
@@ -50,14 +51,15 @@ def make_weight(m, n, seed=0):
     gen = torch.Generator().manual_seed(seed)
     W = torch.randn(m, n, generator=gen) / n ** 0.5
     spikes = torch.linspace(10.0, 3.0, 8)
-    W += (torch.randn(m, 8, generator=gen) / m ** 0.5 * spikes) @ (torch.randn(8, n, generator=gen) / n ** 0.5)
+    left = torch.randn(m, 8, generator=gen) / m ** 0.5 * spikes
+    W += left @ (torch.randn(8, n, generator=gen) / n ** 0.5)
     return W.to(DEVICE)
 
 
 def accuracy(W, U, S):
     p = S.shape[0]
-    cols = sorted(set(range(min(16, p))) | set(range(p // 2 - 8, p // 2 + 8)) | set(range(max(0, p - 16), p)))
-    cols = [c for c in cols if 0 <= c < p]
+    cols = set(range(16)) | set(range(p // 2 - 8, p // 2 + 8)) | set(range(p - 16, p))
+    cols = sorted(c for c in cols if 0 <= c < p)
     Wd, Ud, Sd = W.double(), U[:, cols].double(), S[cols].double()
     s1 = float(S[0])
     WtU = Wd.mT @ Ud

@@ -266,8 +266,8 @@ def base_spectrum(W0: Tensor, dtype: torch.dtype = torch.float32, *,
     Computed in float64 from W0 upcast exactly, then rounded to ``dtype``:
 
     - ``"gram"``: eigendecomposition of the Gram matrix on the short side. For m <= n,
-      ``W0 W0^T = U0 diag(S0^2) U0^T`` gives U0 directly. For m > n, ``W0^T W0 = V0 diag(S0^2) V0^T``
-      and ``U0 = W0 V0 / S0``; columns with ``S0 < 1e-4 * S0[0]`` (where that division amplifies
+      ``W0 W0^T = U0 diag(S0^2) U0^T`` gives U0 directly. For m > n,
+      ``W0^T W0 = V0 diag(S0^2) V0^T`` and ``U0 = W0 V0 / S0``; columns with ``S0 < 1e-4 * S0[0]`` (where that division amplifies
       rounding) are replaced by an orthonormal basis of what the others leave, which is a
       singular basis for those values to within ``(1e-4 * S0[0])^2`` in eigen-residual. Through
       ``W0 W0^T`` a singular value below about 1e-7 of ``S0[0]`` is resolved only to about
@@ -426,8 +426,8 @@ def _eig_topk(op: _Operator, X0: Tensor, k: int, *, block: int, tol: float, max_
     Each restart computes ``G V`` for the current block V, rotates V onto its Ritz vectors
     (Rayleigh-Ritz within span(V)) and tests ``||G x_j - mu_j x_j|| <= tol * max(mu_j, floor *
     mu_1)`` on the top min(k + 1, N) of them: a fresh product, so the test is on the operator
-    itself, not on Krylov sums. ``floor=0`` is the own-relative test of the certificates; ``floor=1``
-    the cheaper test relative to mu_1 (for a float32 warm start). If the test fails, the block
+    itself, not on Krylov sums. ``floor=0`` is the own-relative test of the certificates;
+    ``floor=1`` the cheaper test relative to mu_1 (for a float32 warm start). If the test fails, the block
     Krylov basis K = [V, GV, ..., G^d V] (orthonormalized block by block) gives the top ``block``
     Ritz vectors of K^T G K as the next V. Stops early when the residuals stall (``_STALL``
     restarts without halving): the rounding floor is reached. Whether the answer converged is

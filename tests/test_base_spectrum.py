@@ -87,7 +87,8 @@ def test_float64_spectrum():
     S_ref = torch.linalg.svdvals(W0)
     torch.testing.assert_close(base.S, S_ref, rtol=1e-9, atol=0)
     # tall: W0 v_i / s_i is orthonormal to about eps64 (s_1/s_i)^2, 1e-8 at s_i = 1e-4 s_1
-    torch.testing.assert_close(base.U.T @ base.U, torch.eye(90, dtype=torch.float64), atol=1e-8, rtol=0)
+    eye = torch.eye(90, dtype=torch.float64)
+    torch.testing.assert_close(base.U.T @ base.U, eye, atol=1e-8, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -221,14 +221,15 @@ def test_unreadable_entry(tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied")
     monkeypatch.setattr(cache_mod, "safe_open", refuse)
     fresh = SpectrumCache(tmp_path)
-    with pytest.warns(SpectrumCacheWarning, match=r"cannot read the cache directory .*permission denied"):
+    with pytest.warns(SpectrumCacheWarning,
+                      match=r"cannot read the cache directory .*permission denied"):
         assert_same_spectrum(fresh.get(W0), base_spectrum(W0))
     assert fresh.stats.corrupt == 0 and fresh.stats.misses == 1
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="chmod does not stop root from writing: covered by the injected EACCES and the "
-                           "real read-only tmpfs")
+                    reason="chmod does not stop root from writing: covered by the injected "
+                           "EACCES and the real read-only tmpfs")
 def test_read_only_directory_by_chmod(tmp_path):
     directory = tmp_path / "ro"
     directory.mkdir()
@@ -423,5 +424,6 @@ def test_killed_writer_leaves_no_entry_and_a_later_run_cleans_up(tmp_path):
 
 def test_get_argument_errors(tmp_path):
     cache = SpectrumCache(tmp_path)
-    with pytest.raises(TypeError, match=r"SpectrumCache.get: model must be a str or None \(got int\)"):
+    with pytest.raises(TypeError,
+                       match=r"SpectrumCache.get: model must be a str or None \(got int\)"):
         cache.get(weight(), model=3)

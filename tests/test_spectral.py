@@ -197,7 +197,8 @@ def test_lora_topk_float64():
     topk = lora_topk(base_spectrum(W0, dtype=torch.float64), B, A, s, K)
     assert topk.sigma.dtype == topk.max_cos.dtype == topk.angle_bound.dtype == torch.float64
     assert float(topk.residual.max()) <= 1e-6
-    assert_matches_reference(topk, W0, W0 + s * B.double() @ A.double(), cos_tol=1e-6, sigma_tol=1e-7)
+    assert_matches_reference(topk, W0, W0 + s * B.double() @ A.double(), cos_tol=1e-6,
+                             sigma_tol=1e-7)
 
 
 def test_lora_topk_failure_raises_or_falls_back():
@@ -319,7 +320,8 @@ def test_base_spectrum_class_checks_and_to():
                                          r"\(m, n\) = \(12, 8\) the weight's shape and p = min\(m, n\) "
                                          r"\(got U \(12, 12\) and S \(8,\)\)"):
         BaseSpectrum(torch.zeros(12, 12), base.S, W0)
-    with pytest.raises(TypeError, match=r"BaseSpectrum: weight must be a torch.Tensor \(got NoneType\)"):
+    with pytest.raises(TypeError,
+                       match=r"BaseSpectrum: weight must be a torch.Tensor \(got NoneType\)"):
         BaseSpectrum(base.U, base.S, None)
     with pytest.raises(ValueError, match=r"BaseSpectrum: weight must be 2-D \(got shape \(96,\)\)"):
         BaseSpectrum(base.U, base.S, W0.flatten())
@@ -407,7 +409,8 @@ def test_imprecise_base_is_refined_on_the_true_weight():
     # more than 1% of sigma_10^2.
     x = rough.U.double().mT @ W0.double()
     G = x @ x.mT
-    assert float((G - torch.diag(rough.S.double() ** 2)).abs().max()) > 1e-2 * float(ref["mu"][K - 1])
+    off = float((G - torch.diag(rough.S.double() ** 2)).abs().max())
+    assert off > 1e-2 * float(ref["mu"][K - 1])
 
 
 def test_dense_topk_zero_singular_values_are_not_certified():
