@@ -402,24 +402,25 @@ class SpectrumCache:
         return removed
 
     def clean_temporary(self) -> list[Path]:
-        """Removes temporary files left by writers that died (SIGKILL, power loss): those of
-        this host whose process is gone, and any older than ``STALE_TMP_SECONDS`` (another host's
-        writer cannot be asked). A live writer's file is never touched, so this is safe while
-        other processes fill the same directory. Returns the removed paths."""
+        """Removes temporary files left by writers that died (SIGKILL, power loss), and returns
+        them. The writer's host and pid are in the file name: a file of this host whose process
+        is gone is stale at once; any file older than ``STALE_TMP_SECONDS`` is stale too (another
+        host's writer cannot be asked, a pid may have been reused, and no write takes that long).
+        A live writer's file is never removed, so this is safe while other processes fill the
+        same directory; an age threshold alone would have to wait a day, a pid check alone would
+        be wrong for other hosts sharing the directory. (Two machines, or containers with
+        separate pid namespaces, that share a host name could remove each other's file in
+        flight: that write is then lost, with the usual warning, never corrupt.)"""
         removed, host, now = [], socket.gethostname(), time.time()
         for path in self._files(_TMP_SUFFIX):
             owner = _tmp_owner(path.name)
             try:
                 old = now - path.stat().st_mtime > STALE_TMP_SECONDS
-            except FileNotFoundError:
-                continue
-            dead = owner is not None and owner[0] == host and not _alive(owner[1])
-            if old or dead:
-                try:
+                if old or (owner is not None and owner[0] == host and not _alive(owner[1])):
                     path.unlink()
                     removed.append(path)
-                except FileNotFoundError:
-                    pass
+            except OSError:  # gone meanwhile, or another user's file: not ours to force
+                continue
         return removed
 
 
