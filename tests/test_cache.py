@@ -193,11 +193,13 @@ def test_a_file_in_place_of_the_directory(tmp_path):
 
 
 @pytest.mark.parametrize("code, cause", [(errno.EACCES, "permission denied"),
-                                         (errno.EROFS, "read-only file system")])
+                                         (errno.EROFS, "read-only file system"),
+                                         (errno.ENOENT, "missing (no such file or directory)")])
 def test_unwritable_directory(tmp_path, monkeypatch, code, cause):
-    """Permissions and read-only mounts cannot be simulated by chmod when the tests run as root
-    (test_read_only_directory_by_chmod covers that where it can): the failure is injected where
-    the cache creates its temporary file. Entries already there are still served."""
+    """Permissions cannot be simulated by chmod when the tests run as root
+    (test_read_only_directory_by_chmod covers that where it can), nor a directory removed under a
+    running cache: the failure is injected where the cache creates its temporary file. Entries
+    already there are still served."""
     filled = SpectrumCache(tmp_path)
     filled.get(weight(0))
 
