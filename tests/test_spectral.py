@@ -383,8 +383,9 @@ def test_certificate_fields():
         assert t.shape == (6,) and t.dtype == torch.float32, name
     assert bool((top.residual <= 1e-6).all()) and top.converged
     assert bool((top.angle_bound > 0).all()) and bool((top.angle_bound <= 1).all())
-    # max_cos_bound follows from angle_bound: ||y - y*|| = 2 sin(theta / 2) <= angle_bound here.
-    assert bool((top.max_cos_bound <= top.angle_bound + 1e-7).all())
+    # max_cos_bound follows from angle_bound (||y - y*|| = 2 sin(theta / 2) <= angle_bound here)
+    # and rounding: one more float32 eps for the base vectors' norms.
+    assert bool((top.max_cos_bound <= top.angle_bound + 1.2e-7).all())
 
 
 def test_imprecise_base_is_refined_on_the_true_weight():
