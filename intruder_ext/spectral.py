@@ -243,6 +243,11 @@ def _check_weight(fn: str, base, W, k) -> Tensor:
     return W.detach()
 
 
+def _check_finite(fn: str, name: str, t: Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{fn}: {name} has non-finite entries (NaN or inf)")
+
+
 def _check_tol(fn: str, tol) -> float:
     if tol is None:
         return _DEFAULT_TOL
@@ -614,6 +619,8 @@ def lora_topk(base: BaseSpectrum, B: Tensor, A: Tensor, scale: float, k: int, *,
         raise ValueError(f"{fn}: scale must be a finite number (got {scale!r})")
     _check_k(fn, k, p)
     tol = _check_solver_args(fn, tol, max_iter, on_failure, block)
+    _check_finite(fn, "B", B)
+    _check_finite(fn, "A", A)
     s = float(scale)
     U0, S0 = base.U.to(_F64), base.S.to(_F64)
     gram = _Gram64(base.weight.detach(), B.detach(), A.detach(), s)
@@ -623,6 +630,9 @@ def lora_topk(base: BaseSpectrum, B: Tensor, A: Tensor, scale: float, k: int, *,
     # W0 A^T is the only product with W0 in the setup; one pass over U0 gives U0^T [B, W0 A^T].
     r = B.shape[1]
     W0At = _thin_mm(gram.W0, A.mT)
+    # A non-finite entry of W0 makes its whole row of W0 A^T non-finite (NaN * a, inf * 0, or
+    # inf - inf): checked here at O(m r) instead of a pass over W0.
+    _check_finite(fn, "base.weight (W0)", W0At)
     P, L1 = _thin_mm(U0.mT, torch.cat([B, W0At], dim=1)).split(r, dim=1)
     if m > p:
         Bp = B - _thin_mm(U0, P)
@@ -672,6 +682,7 @@ def weight_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = No
     fn = "weight_topk"
     W = _check_weight(fn, base, W, k)
     tol = _check_solver_args(fn, tol, max_iter, on_failure, block)
+    _check_finite(fn, "W", W)
     m, n = base.shape
     p = min(m, n)
     U0 = base.U.to(_F64)
@@ -726,4 +737,5 @@ def dense_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = Non
     residual is <= ``tol``, default 1e-6: not the case for zero singular values)."""
     W = _check_weight("dense_topk", base, W, k)
     tol = _check_tol("dense_topk", tol)
+    _check_finite("dense_topk", "W", W)
     return _dense(_Gram64(W), base.U.to(_F64), k, base.dtype, tol)

@@ -428,3 +428,21 @@ def test_dense_topk_zero_singular_values_are_not_certified():
     with pytest.warns(RuntimeWarning, match="lora_topk: top-5 did not converge"):
         top = lora_topk(base, torch.zeros(40, 1), torch.zeros(1, 40), 1.0, 5)
     assert not top.converged and top.method == "dense"
+
+
+def test_non_finite_inputs_are_errors():
+    W0, B, A, s = lora_case(64, 48, 4, 1.0, seed=10)
+    base = base_spectrum(W0)
+    for name, value in (("B", float("nan")), ("A", float("inf"))):
+        bad = {"B": B.clone(), "A": A.clone()}
+        bad[name][1, 2] = value
+        with pytest.raises(ValueError, match=rf"lora_topk: {name} has non-finite entries"):
+            lora_topk(base, bad["B"], bad["A"], s, 3)
+    broken = W0.clone()
+    broken[5, 7] = float("inf")  # W0 itself is only read through products: still caught
+    with pytest.raises(ValueError, match=r"lora_topk: base.weight \(W0\) has non-finite entries"):
+        lora_topk(BaseSpectrum(base.U, base.S, broken), B, A, s, 3)
+    with pytest.raises(ValueError, match=r"weight_topk: W has non-finite entries"):
+        weight_topk(broken, base, 3)
+    with pytest.raises(ValueError, match=r"dense_topk: W has non-finite entries"):
+        dense_topk(broken, base, 3)
