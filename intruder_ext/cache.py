@@ -12,7 +12,9 @@ removes them).
 Writes go to a temporary file in the cache directory, named after the host and process that
 write it, and are renamed into place (``os.replace`` is atomic): a crash never leaves a
 half-written entry under the final name, and two processes filling the same entry at once both
-leave a complete file. An entry that fails to load or to verify is recomputed and rewritten.
+leave a complete file; the first :meth:`SpectrumCache.get` of a cache object removes temporary
+files of writers that died (:meth:`SpectrumCache.clean_temporary`). An entry that fails to load
+or to verify is recomputed and rewritten.
 Both digests hash 4 MiB pieces in parallel threads (hashlib releases the GIL), then the list of
 piece digests: about twice as fast on two cores, and a cache hit is mostly hashing.
 
@@ -203,7 +205,7 @@ class SpectrumCache:
         self.stats = CacheStats()
         self._writable = True  # False after a write failed: the rest of the run stores nothing
         self._warned = False
-        self._cleaned = False
+        self._cleaned = False  # clean_temporary() ran (on the first get)
 
     # -- keys --------------------------------------------------------------------------------
     def key(self, W0: torch.Tensor, dtype: torch.dtype = torch.float32) -> str:
@@ -230,6 +232,12 @@ class SpectrumCache:
         for name, value in (("model", model), ("layer", layer)):
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{fn}: {name} must be a str or None (got {type(value).__name__})")
+        if not self._cleaned:  # once per cache object: leftovers of killed writers go first
+            self._cleaned = True
+            try:
+                self.clean_temporary()
+            except OSError:
+                pass  # an unreadable directory: reported below, when the entry is looked up
         key = self.key(W0, dtype)
         path = self.directory / f"{key}{_SUFFIX}"
         try:
@@ -301,9 +309,6 @@ class SpectrumCache:
         tmp = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            if not self._cleaned:
-                self._cleaned = True
-                self.clean_temporary()
             fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=_TMP_SUFFIX,
                                        prefix=f".{key[:16]}.{socket.gethostname()}.{os.getpid()}.")
             os.close(fd)

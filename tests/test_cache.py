@@ -421,7 +421,12 @@ def test_killed_writer_leaves_no_entry_and_a_later_run_cleans_up(tmp_path):
     cache = SpectrumCache(tmp_path)
     spectrum = cache.get(weight(7))  # the re-run computes, stores, and removes the leftover
     assert entries(tmp_path) == [cache.path(weight(7)).name]
-    assert_same_spectrum(SpectrumCache(tmp_path).get(weight(7)), spectrum)
+    # A run that only reads (every entry a hit) cleans up as well.
+    leftover = tmp_path / f".{'e' * 16}.{socket.gethostname()}.{dead_pid()}.x5.tmp"
+    leftover.write_bytes(b"partial")
+    again = SpectrumCache(tmp_path)
+    assert_same_spectrum(again.get(weight(7)), spectrum)
+    assert again.stats.hits == 1 and entries(tmp_path) == [cache.path(weight(7)).name]
 
 
 def test_get_argument_errors(tmp_path):
