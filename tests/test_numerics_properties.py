@@ -10,8 +10,9 @@ float64 dense top-k of the same W taken in the package's own base basis:
 - not vacuous: a vector whose gap to the rest of the spectrum is at least 1% of its mu gets a
   certified max_cos error <= 1e-4.
 
-Deterministic (derandomized hypothesis, fixed torch seeds) and sized for CI: 150 examples per
-property, about 15 s on a quiet 2-core machine.
+Deterministic (derandomized hypothesis, fixed torch seeds) and sized for CI: 100 examples per
+property, about 11 s on a quiet 2-core machine (several times that while other jobs
+share the cores).
 """
 
 import warnings
@@ -24,7 +25,7 @@ from reference import check_certified_topk
 
 from intruder_ext.spectral import base_spectrum, lora_topk, weight_topk
 
-SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, print_blob=True,
+SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
 shapes = st.tuples(st.sampled_from(["square", "wide", "tall"]), st.integers(8, 400),
