@@ -74,3 +74,76 @@ def dense_mitigated_delta(W0, B, A, scale, k, epsilon, lam):
     d = dense_detect(W0, W, k, epsilon)
     I = d["intruders"]
     return W + (lam - 1) * (d["U"][:, I] * d["sigma"][I]) @ d["Vh"][I] - W0, I
+
+
+def topk_reference(W: torch.Tensor, base_U: torch.Tensor, k: int):
+    """The float64 dense top-k of ``W`` (upcast exactly) compared with ``base_U``, the package's
+    own base singular vectors (upcast, columns normalised): what every top-k answer must match.
+
+    Also returns, for each of the top k, the gap from ``mu_j = sigma_j^2`` to the rest of the
+    spectrum of ``W W^T`` (absolute and relative to mu_j; W W^T has zero eigenvalues beyond
+    min(m, n) when m > n), which says how well the vector is determined.
+    """
+    W = W.double()
+    m = W.shape[0]
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    X = base_U.double()
+    X = X / X.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+    max_cos, argmax = (U[:, :k].T @ X).abs().max(dim=1)
+    mu = S * S
+    inf = torch.full((1,), float("inf"), dtype=torch.float64)
+    rest = torch.zeros(1, dtype=torch.float64) if m > len(S) else inf
+    above = torch.cat([inf, mu[:-1]])[:k] - mu[:k]
+    below = mu[:k] - torch.cat([mu[1:], rest])[:k]
+    gap = torch.minimum(above, below)
+    return {"sigma": S[:k], "U": U[:, :k], "Vh": Vh[:k], "max_cos": max_cos, "argmax": argmax,
+            "mu": mu, "gap": gap, "rel_gap": gap / mu[:k]}
+
+
+def check_certified_topk(top, W, base_U, k, tol=1e-6):
+    """Asserts that ``top`` (a TopK) is a certified top-k of W against the float64 reference in
+    the basis ``base_U``; returns the reference (:func:`topk_reference`).
+
+    - honest: sigma within its residual, each vector within its angle bound and max_cos within
+      its bound of the reference (where the reference's own vector is defined: gap > 0);
+    - accurate: for sigma_1/sigma_k <= 1e4 the answer converged and is correct to 1e-5 relative
+      in sigma and to max(1e-4, its bound) in max_cos;
+    - not vacuous: a vector whose gap is at least 1% of its mu is certified to 1e-4.
+    """
+    ref = topk_reference(W, base_U, k)
+    sigma, mc = top.sigma.double(), top.max_cos.double()
+    eps = torch.finfo(top.sigma.dtype).eps
+    mu1 = float(ref["mu"][0])
+    assert top.sigma.shape == top.residual.shape == top.angle_bound.shape == (k,)
+    assert top.max_cos_bound.shape == (k,) and top.U.shape == (W.shape[0], k)
+    if top.converged:
+        assert bool((top.residual <= tol).all())
+    # The float64 reference itself is determined to about eps64 * mu_1 / gap.
+    ref_err = 1e-12 + 1e-14 * mu1 / ref["gap"].clamp_min(1e-300)
+    defined = ref["gap"] > 0
+
+    # Honest. sigma: some singular value lies within residual * sigma (plus output rounding).
+    if top.converged:
+        slack = (top.residual.double() + 2 * eps) * sigma + 1e-13 * float(ref["sigma"][0])
+        assert bool(((sigma - ref["sigma"]).abs() <= slack).all()), (sigma, ref["sigma"])
+    Y = top.U.double()
+    Y = Y / Y.norm(dim=0)
+    sin = (Y - ref["U"] * (ref["U"] * Y).sum(dim=0)).norm(dim=0)
+    assert bool((sin <= top.angle_bound.double() + ref_err)[defined].all()), \
+        (sin, top.angle_bound, ref["gap"])
+    cos_err = (mc - ref["max_cos"]).abs()
+    assert bool((cos_err <= top.max_cos_bound.double() + ref_err)[defined].all()), \
+        (cos_err, top.max_cos_bound)
+
+    s_k = float(ref["sigma"][-1])
+    if s_k > 0 and float(ref["sigma"][0]) / s_k <= 1e4:
+        # Accurate.
+        assert top.converged, (top.residual, top.method)
+        rel = ((sigma - ref["sigma"]) / ref["sigma"]).abs()
+        assert float(rel.max()) <= 1e-5, rel
+        assert bool((cos_err <= top.max_cos_bound.double().clamp_min(1e-4) + ref_err).all())
+        # Not vacuous.
+        sure = ref["rel_gap"] >= 1e-2
+        assert bool((top.max_cos_bound[sure] <= 1e-4).all()), (top.max_cos_bound, ref["rel_gap"])
+        assert bool((top.angle_bound[sure] <= 1e-4).all())
+    return ref
