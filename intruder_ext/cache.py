@@ -26,10 +26,8 @@ directory and the cause, and stores nothing more from that object.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import re
 import socket
 import tempfile
 import threading
@@ -43,6 +41,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .checkpoints import describe_os_error, process_alive
 from .spectral import BaseSpectrum, base_spectrum
 
 __all__ = ["CacheEntry", "CacheStats", "SpectrumCache", "SpectrumCacheWarning",
@@ -114,42 +113,12 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
                     _tensor_bytes(tensors[name])) for name in _NAMES)
 
 
-def _cause(error: Exception) -> str:
-    """What went wrong, in the words a user acts on. safetensors reports I/O errors as
-    SafetensorError("... (os error 28)"): the errno is read from its message."""
-    code = getattr(error, "errno", None)
-    if code is None:
-        found = re.search(r"os error (\d+)", str(error))
-        code = int(found.group(1)) if found else None
-    if code in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if code == errno.EROFS:
-        return "read-only file system"
-    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return "no space left on the device (disk full or quota)"
-    if code in (errno.ENOTDIR, errno.EEXIST):
-        return "a file is in the way (not a directory)"
-    if code == errno.ENOENT:
-        return "missing (no such file or directory)"
-    return getattr(error, "strerror", None) or str(error)
-
-
 def _tmp_owner(name: str) -> tuple[str, int] | None:
     """(host, pid) of a temporary file named ``.<key16>.<host>.<pid>.<random>.tmp``."""
     parts = name[:-len(_TMP_SUFFIX)].split(".")
     if len(parts) < 5 or not parts[-2].isdigit():
         return None
     return ".".join(parts[2:-2]), int(parts[-2])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 @dataclass
@@ -264,7 +233,7 @@ class SpectrumCache:
             self._warned = True
             consequence = "computed and not stored" if action == "write to" else "computed"
             warnings.warn(f"SpectrumCache: cannot {action} the cache directory {self.directory} "
-                          f"({_cause(error)}: {error}); base spectra are {consequence}",
+                          f"({describe_os_error(error)}: {error}); base spectra are {consequence}",
                           SpectrumCacheWarning, stacklevel=stacklevel)
 
     @staticmethod
@@ -421,7 +390,7 @@ class SpectrumCache:
             owner = _tmp_owner(path.name)
             try:
                 old = now - path.stat().st_mtime > STALE_TMP_SECONDS
-                if old or (owner is not None and owner[0] == host and not _alive(owner[1])):
+                if old or (owner is not None and owner[0] == host and not process_alive(owner[1])):
                     path.unlink()
                     removed.append(path)
             except OSError:  # gone meanwhile, or another user's file: not ours to force

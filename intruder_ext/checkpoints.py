@@ -25,6 +25,7 @@ end (:func:`atomic_directory`), so an interrupted run leaves no partial output u
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -70,10 +71,26 @@ class CheckpointError(Exception):
     or inconsistent with another. The message is one line naming the file and the cause."""
 
 
-def describe_os_error(error: OSError) -> str:
-    """The cause of an OSError in words a user acts on (permission vs missing vs full, ...)."""
-    reason = error.strerror or type(error).__name__
-    return reason[0].lower() + reason[1:] if reason else str(error)
+def describe_os_error(error: Exception) -> str:
+    """What went wrong with a file, in the words a user acts on (permission vs missing vs full,
+    ...). safetensors reports I/O errors as SafetensorError("... (os error 28)"): the errno is
+    read from its message."""
+    code = getattr(error, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)", str(error))
+        code = int(found.group(1)) if found else None
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if code == errno.EROFS:
+        return "read-only file system"
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return "no space left on the device (disk full or quota)"
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        return "a file is in the way (not a directory)"
+    if code == errno.ENOENT:
+        return "missing (no such file or directory)"
+    reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return reason[0].lower() + reason[1:]
 
 
 # ---------------------------------------------------------------------------------- safetensors
@@ -450,7 +467,8 @@ def _temp_prefix(dest: Path) -> str:
     return f".{dest.name}.tmp-{os.getpid()}@{socket.gethostname()}-"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a writer that may own a temporary)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -472,7 +490,7 @@ def remove_stale_temporaries(dest: Path) -> list[Path]:
     for entry in siblings:
         pid, _, rest = entry.name[len(head):].partition("@")
         if not entry.name.startswith(head) or not pid.isdigit() \
-                or not rest.startswith(host + "-") or _alive(int(pid)):
+                or not rest.startswith(host + "-") or process_alive(int(pid)):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

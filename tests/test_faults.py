@@ -191,11 +191,11 @@ def test_full_disk(inputs, small_fs, capsys, unchanged, tmp_path):
     out = small_fs / "merged"
     res = cli(capsys, "mitigate", inputs / "base", inputs / "adapter", "--out", out, "--merge",
               "--cache-dir", tmp_path / "cache", "-q")
-    assert_user_error(res, f"cannot write {out}", "no space left on device")
+    assert_user_error(res, f"cannot write {out}", "no space left on the device")
     assert list(small_fs.iterdir()) == []  # the partial temporary directory is gone
     res = cli(capsys, "detect", inputs / "base", inputs / "adapter", "--report",
               small_fs / "report.md", "--cache-dir", tmp_path / "cache", "-q")
-    assert_user_error(res, "cannot write", "no space left on device")
+    assert_user_error(res, "cannot write", "no space left on the device")
     assert list(small_fs.iterdir()) == []
 
 
