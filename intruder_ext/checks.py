@@ -21,6 +21,14 @@ def epsilon(func: str, arg: str, value) -> float:
     return float(value)
 
 
+def basis_rtol(func: str, value) -> float:
+    """The relative gap (to the largest base singular value) below which base singular values
+    are grouped as interchangeable: a finite number >= 0."""
+    if not _number(value) or value < 0:
+        raise ValueError(f"{func}: basis_rtol must be a finite number >= 0 (got {value!r})")
+    return float(value)
+
+
 def top_k(func: str, value) -> int | float:
     """An int >= 1, or a fraction in (0, 1) of ``min(m, n)``."""
     if isinstance(value, Integral) and not isinstance(value, bool) and value >= 1:

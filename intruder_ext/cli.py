@@ -32,6 +32,11 @@ def _quiet_libraries():
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft)\b")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings (e.g. an epsilon below chance level) as one line each, like errors."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _log(args, msg: str) -> None:
     if not args.quiet:
         print(msg, file=sys.stderr, flush=True)
@@ -122,10 +127,11 @@ def cmd_detect(args) -> int:
     results, skipped = detect_layers(layer_set, args.top_k, args.epsilon,
                                      cache_dir=_cache_arg(args), device=args.device,
                                      progress=not args.quiet, desc="detect",
-                                     skip_nonfinite=args.skip_nonfinite)
+                                     skip_nonfinite=args.skip_nonfinite,
+                                     basis_rtol=args.basis_rtol)
     _log(args, f"detection: {len(results)} layers in {time.perf_counter() - t0:.2f}s")
     report = IntruderReport([r.record for r in results], args.top_k, args.epsilon,
-                            layer_set.adapter_name, skipped)
+                            layer_set.adapter_name, skipped, args.basis_rtol)
     print(report)
     _detect_outputs(args, report, layer_set, outputs)
     return 0
@@ -266,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="overwrite existing --json/--report files and write into an existing "
                         "--plots directory (inputs are never written)")
+    p.add_argument("--basis-rtol", type=_typed(lambda v: checks.basis_rtol("--basis-rtol", v),
+                                               float, "a number"), default=1e-4,
+                   help="base singular values closer than this times the largest are treated "
+                        "as interchangeable: each vector's max |cos| range over those bases is "
+                        "reported, and vectors whose intruder status depends on it (1e-4)")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip (and report) modules whose weights hold NaN or inf instead of "
                         "failing")
@@ -339,10 +350,12 @@ def main(argv=None) -> int:
         if "device" in args:  # whether this machine has it is a run-time error, not usage
             from . import checks
             args.device = checks.device(args.command, args.device)
-        _quiet_libraries()
         if args.quiet:
             os.environ["TQDM_DISABLE"] = "1"
-        return args.func(args)
+        with warnings.catch_warnings():  # the filters and format for this command only
+            _quiet_libraries()
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -108,7 +108,13 @@ def test_detect_adapter_writes_json_plots_and_report(models, tmp_path):
                   "--plots", out, "--report", tmp_path / "report.md", "--cache-dir",
                   tmp_path / "cache", "--quiet")
     assert res.returncode == 0, res.stderr
-    assert res.stderr == ""  # --quiet: no progress or status lines
+    # --quiet: no progress or status lines; warnings stay, one line each (32 wide: epsilon 0.5
+    # is below what a random direction reaches in 1% of cases).
+    assert res.stderr.splitlines() == [
+        "intruder-ext: warning: epsilon=0.5 is at or below the 99th percentile of max |cos| of a "
+        "random direction in 4 of 4 modules (up to 0.590 in encoder.layer.0.attention.self.query,"
+        " 32x32): there chance-level directions count as aligned; raise epsilon or read the "
+        "alignment column"]
     data = json.loads((tmp_path / "r.json").read_text())
     names = [m["name"] for m in data["modules"]]
     assert len(names) == 4 and all(n.endswith(("query", "value")) for n in names)
@@ -131,12 +137,16 @@ def test_detect_adapter_writes_json_plots_and_report(models, tmp_path):
 def test_detect_options_change_the_analysis(models, tmp_path, capsys):
     res = cli(capsys, "detect", models / "base", models / "adapter", "--modules", "query",
                   "--top-k", "3", "--epsilon", "0.9", "--json", tmp_path / "r.json",
-                  "--cache-dir", tmp_path / "cache", "-q")
+                  "--basis-rtol", "0.5", "--cache-dir", tmp_path / "cache", "-q")
     assert res.returncode == 0, res.stderr
+    assert res.stderr == ""  # epsilon 0.9 is above chance level: no warning
     data = json.loads((tmp_path / "r.json").read_text())
     assert [m["name"].endswith("query") for m in data["modules"]] == [True, True]
     assert all(len(m["max_cos"]) == 3 for m in data["modules"])
-    assert data["epsilon"] == 0.9
+    assert data["epsilon"] == 0.9 and data["basis_rtol"] == 0.5
+    # Grouping half the spectrum's range together widens every interval.
+    assert any(hi - lo > 0.1 for m in data["modules"]
+               for lo, hi in zip(m["max_cos_lo"], m["max_cos_hi"]))
 
 
 def test_detect_full_fine_tuning(models, tmp_path, capsys):
