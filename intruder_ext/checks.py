@@ -7,6 +7,7 @@ import math
 from numbers import Integral, Real
 
 RANK_POLICIES = ("peft", "exact")
+CONTROLS = (None, "uniform")
 
 
 def _number(value) -> bool:
@@ -47,6 +48,13 @@ def mitigation_lambda(func: str, value) -> float:
 def rank_policy(func: str, value) -> str:
     if value not in RANK_POLICIES:
         raise ValueError(f"{func}: rank must be one of {RANK_POLICIES} (got {value!r})")
+    return value
+
+
+def control(func: str, value):
+    """Which mitigation: ``None`` (the intruder-targeted one) or ``"uniform"`` (its control)."""
+    if value not in CONTROLS:
+        raise ValueError(f"{func}: control must be one of {CONTROLS} (got {value!r})")
     return value
 
 

@@ -144,7 +144,8 @@ def cmd_mitigate(args) -> int:
     t0 = time.perf_counter()
     report = mitigate_checkpoint(
         args.base, args.adapter, args.out, top_k=args.top_k, threshold_epsilon=args.epsilon,
-        mitigation_lambda=args.mitigation_lambda, rank=args.rank, merge=args.merge,
+        mitigation_lambda=args.mitigation_lambda, rank=args.rank, control=args.control,
+        merge=args.merge,
         cache_dir=_cache_arg(args), device=args.device, progress=not args.quiet,
         logging_sink=lambda msg: _log(args, msg))
     _log(args, str(report))
@@ -296,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", choices=checks.RANK_POLICIES, default="peft",
                    help="peft: keep each layer's rank r (PEFT's result); exact: rank r + "
                         "#intruders, so the mitigation is exact (default peft)")
+    p.add_argument("--control", choices=[c for c in checks.CONTROLS if c], default=None,
+                   help="uniform: instead of the intruders, scale each layer's whole update so "
+                        "that the weight changes by the same Frobenius norm (the control that "
+                        "tells whether targeting the intruders is what helps)")
     p.add_argument("--merge", action="store_true",
                    help="write the merged model (BASE's shards, dtype and tokenizer) instead of "
                         "an adapter")

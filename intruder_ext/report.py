@@ -28,8 +28,9 @@ class ModuleReport:
     vector (1). ``[max_cos_lo[j], max_cos_hi[j]]`` is the range ``max_cos[j]`` takes over the
     base bases that rotate within groups of near-equal base singular values (``basis_rtol`` of
     the report), and ``basis_sensitive`` indexes the vectors whose intruder status depends on
-    that choice (``max_cos_lo < epsilon <= max_cos_hi``). ``mitigation`` is set by
-    :func:`~intruder_ext.reduce_intruder_dimension` (see :func:`mitigation_summary`).
+    that choice (``max_cos_lo < epsilon <= max_cos_hi``). ``mitigation`` is set by the
+    mitigation (:func:`~intruder_ext.reduce_intruder_dimension`): which one, lambda, and the
+    Frobenius norm of the change it made to this layer's weight.
     """
 
     name: str

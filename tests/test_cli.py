@@ -176,6 +176,22 @@ def test_mitigate_writes_a_loadable_adapter(models, tmp_path):
     assert torch.equal(again.get_submodule(layer).get_delta_weight("default"), old)
 
 
+def test_mitigate_uniform_control(models, tmp_path, capsys):
+    """--control uniform: every layer's update scaled by one factor in [0, 1]."""
+    out = tmp_path / "control"
+    res = cli(capsys, "mitigate", models / "base", models / "adapter", "--out", out,
+              "--control", "uniform", "--cache-dir", tmp_path / "cache", "-q")
+    assert res.returncode == 0, res.stderr
+    model = peft.PeftModel.from_pretrained(tiny_bert(), out)
+    original = peft.PeftModel.from_pretrained(tiny_bert(), models / "adapter")
+    layer = "base_model.model.encoder.layer.0.attention.self.query"
+    new = model.get_submodule(layer).get_delta_weight("default")
+    old = original.get_submodule(layer).get_delta_weight("default")
+    factor = (new * old).sum() / (old * old).sum()
+    assert 0 < factor < 1
+    torch.testing.assert_close(new, factor * old, rtol=1e-4, atol=1e-6)
+
+
 def test_mitigate_merge_writes_a_model(models, tmp_path, capsys):
     out = tmp_path / "merged"
     res = cli(capsys, "mitigate", models / "base", models / "adapter", "--out", out, "--merge",
