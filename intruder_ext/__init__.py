@@ -23,6 +23,7 @@ _EXPORTS = {
     "Layer": "layers", "LayerSet": "layers",
     "find_intruders": "detection",
     "CalibrationWarning": "calibration", "null_max_cos": "calibration",
+    "IntruderMonitor": "monitor", "IntruderCallback": "callback",
     "merge_and_unload_with_reduced_intruder_dimensions": "mitigation",
     "mitigate_checkpoint": "mitigation", "reduce_intruder_dimension": "mitigation",
 }

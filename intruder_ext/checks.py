@@ -64,6 +64,13 @@ def positive_int(func: str, arg: str, value) -> int:
     return int(value)
 
 
+def step(func: str, value) -> int:
+    """A training step: an integer >= 0."""
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{func}: step must be an integer >= 0 (got {value!r})")
+    return int(value)
+
+
 def device_name(func: str, value):
     """The form of a device argument: ``None``, ``"auto"``, ``"cpu"``, ``"cuda"`` or
     ``"cuda:N"`` (whether this machine has it is :func:`device`'s business)."""

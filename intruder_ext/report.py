@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .calibration import BASIS_RTOL, below_null
+from .layers import module_type
 
 
 @dataclass
@@ -118,6 +119,18 @@ class IntruderReport:
         return {"adapter_name": self.adapter_name, "top_k": self.top_k, "epsilon": self.epsilon,
                 "basis_rtol": self.basis_rtol, "totals": dict(self.totals), "modules": [m.to_dict() for m in self.modules],
                 "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped]}
+
+    def metrics(self) -> dict:
+        """The scalars a training monitor logs: ``intruders/total``, ``intruders/layers_with``,
+        ``intruders/min_max_cos`` (over every examined vector) and ``intruders/<type>`` per
+        module type (``q_proj``, ...), in model order."""
+        out = {"intruders/total": self.totals["intruders"],
+               "intruders/layers_with": self.totals["modules_with_intruders"],
+               "intruders/min_max_cos": min(float(m.max_cos.min()) for m in self.modules)}
+        for m in self.modules:
+            key = f"intruders/{module_type(m.name)}"
+            out[key] = out.get(key, 0) + m.num_intruders
+        return out
 
     def to_json(self, **kwargs) -> str:
         """The report as JSON; always valid JSON (a NaN or inf is an error, never written)."""
