@@ -39,6 +39,19 @@ def top_k(func: str, value) -> int | float:
     raise ValueError(f"{func}: top_k must be an int >= 1 or a float in (0, 1) (got {value!r})")
 
 
+def learning_rate(func: str, arg: str, value) -> float:
+    if not _number(value) or value <= 0:
+        raise ValueError(f"{func}: {arg} must be a positive number (got {value!r})")
+    return float(value)
+
+
+def fraction(func: str, arg: str, value) -> float:
+    """A number in [0, 1] (an accuracy, a probability)."""
+    if not _number(value) or not 0 <= value <= 1:
+        raise ValueError(f"{func}: {arg} must be a number in [0, 1] (got {value!r})")
+    return float(value)
+
+
 def mitigation_lambda(func: str, value) -> float:
     if not _number(value) or value < 0:
         raise ValueError(f"{func}: mitigation_lambda must be a finite number >= 0 (got {value!r})")

@@ -99,6 +99,26 @@ def plot_count_vs_epsilon(series: Mapping[str, Sequence[int]], epsilons: Sequenc
     return _save(fig, path)
 
 
+def plot_series(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str,
+                ylabel: str, title: str, path: str, logx: bool = False,
+                hlines: Mapping[str, float] | None = None) -> str:
+    """Lines ``label -> (xs, ys)`` on common axes (intruders against steps or rank, forgetting
+    against rank, ...); ``hlines``: labelled horizontal references (e.g. full fine-tuning)."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.9))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", ms=3, label=label)
+    for i, (label, y) in enumerate((hlines or {}).items()):
+        ax.axhline(y, color=f"C{len(series) + i}", ls="--", lw=1.2, label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_spectrum(s_base: torch.Tensor, s_tuned: torch.Tensor, intruders: Sequence[int],
                   title: str, path: str, n: int = 40) -> str:
     """Leading singular values of W0 and W; intruders (indices into W's spectrum) marked."""

@@ -45,8 +45,11 @@ def cli(capsys, *args):
 
 
 def assert_user_error(res, *fragments):
+    """Exit status 2 and one error line (after warning lines, if any: a 32-wide test model is
+    below chance level at epsilon 0.5)."""
     assert res.returncode == 2, res.stderr
-    lines = res.stderr.strip().splitlines()
+    lines = [line for line in res.stderr.strip().splitlines()
+             if not line.startswith("intruder-ext: warning: ")]
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("intruder-ext: error: "), lines[0]
     for f in fragments:
@@ -285,8 +288,12 @@ def test_demo_smoke(tmp_path):
     assert [r["label"] for r in results["runs"]] == ["LoRA r=1", "rsLoRA r=1", "full FT"]
     for r in results["runs"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["drift"] >= -1e-6
+        assert r["similarity_forgetting"] >= -1e-6
         assert r["detection"]["n_layers"] == 12
+        # 24 training sentences, batch 16: checked before training and after the last step
+        assert r["steps"] == 2 and [s for s, _ in r["intruders_vs_steps"]] == [0, 2]
     assert "mitigated" in results["runs"][0] and "mitigated" not in results["runs"][2]
+    assert "intruders_vs_steps" in results["plots"]
     report = (out / "report.md").read_text()
     for name in results["plots"].values():
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
