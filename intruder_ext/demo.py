@@ -13,7 +13,8 @@ all-MiniLM-L6-v2 was trained to produce). Intruders are counted during training 
 (:class:`~intruder_ext.monitor.IntruderMonitor`).
 
 The pieces shared with the sweep (:mod:`intruder_ext.sweep`) are here: :func:`prepare` (model,
-task, reference embeddings), :func:`new_backbone`, :func:`train` and :func:`measure`.
+task, reference embeddings), :func:`new_backbone`, :func:`train`, :meth:`Prepared.measure` and
+:func:`analyse_run`.
 """
 
 from __future__ import annotations
@@ -392,7 +393,7 @@ def _demo_plots(cfg, results, base, models) -> dict:
         {r["label"]: tuple(zip(*r["intruders_vs_steps"])) for r in runs}, "training step",
         "intruders (all layers)", f"Intruders during training (top-{cfg.top_k}, "
         f"epsilon={cfg.epsilon}, checked every {cfg.monitor_every} steps)",
-        os.path.join(out, "intruders_vs_steps.png"))
+        os.path.join(out, "intruders_vs_steps.png"), counts=True)
     lora = [r for r in runs if r["rank"] is not None]
     mitigated = [r.get("mitigated") for r in runs]
     files["accuracy"] = plots.plot_grouped_bars(

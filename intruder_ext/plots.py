@@ -101,9 +101,10 @@ def plot_count_vs_epsilon(series: Mapping[str, Sequence[int]], epsilons: Sequenc
 
 def plot_series(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str,
                 ylabel: str, title: str, path: str, logx: bool = False,
-                hlines: Mapping[str, float] | None = None) -> str:
+                hlines: Mapping[str, float] | None = None, counts: bool = False) -> str:
     """Lines ``label -> (xs, ys)`` on common axes (intruders against steps or rank, forgetting
-    against rank, ...); ``hlines``: labelled horizontal references (e.g. full fine-tuning)."""
+    against rank, ...); ``hlines``: labelled horizontal references (e.g. full fine-tuning);
+    ``counts``: integer y ticks from 0."""
     fig, ax = plt.subplots(figsize=(6.0, 3.9))
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", ms=3, label=label)
@@ -111,6 +112,9 @@ def plot_series(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], x
         ax.axhline(y, color=f"C{len(series) + i}", ls="--", lw=1.2, label=label)
     if logx:
         ax.set_xscale("log", base=2)
+    if counts:
+        ax.set_ylim(bottom=0, top=max(1, ax.get_ylim()[1]))
+        ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)

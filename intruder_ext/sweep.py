@@ -22,9 +22,11 @@ after its control, the uniform shrinking of the whole update by the same Frobeni
 ``results.json``, plots and ``report.md``; the numbers are reported as they come out.
 
 Size: at most about ``(1 + 2 len(ranks)) * 2 trials * epochs * 0.6 max_examples / batch_size``
-training steps, 2100 at the defaults (full fine-tuning's steps cost twice LoRA's); on this
-project's 2-core CPU a LoRA step takes 0.16 s with two threads on an idle machine and 0.27 s with
-one, which makes the defaults about 13 minutes on one thread. On a busy machine pass
+training steps, 2250 at the defaults (full fine-tuning's steps cost twice LoRA's; runs that
+reach the target stop early). On this project's 2-core CPU a LoRA step takes 0.16 s with two
+threads on an idle machine and 0.27 s with one; scaled from a pilot of 7 of the 15 runs (808 s
+at 480 examples, at most 6 epochs and 3 trials per run), the defaults take about 13 minutes on
+one thread. On a busy machine pass
 ``--threads 1``: two threads that wait for each other's time slices slowed the small linear
 algebra of detection here by up to 100x. ``ranks``, ``epochs``, ``max_examples`` and the rate
 grids are the knobs.
@@ -202,14 +204,15 @@ def _plots(cfg: SweepConfig, results: dict) -> dict:
          for f, rs in families}, "rank r", "intruders (all layers)",
         f"Intruders against rank at validation accuracy >= {cfg.target_accuracy} "
         f"(top-{cfg.top_k}, epsilon={cfg.epsilon})", os.path.join(out, "intruders_vs_rank.png"),
-        logx=True, hlines={"full fine-tuning": full["detection"]["total_intruders"]})}
+        logx=True, hlines={"full fine-tuning": full["detection"]["total_intruders"]},
+        counts=True)}
     for f, rs in families:
         tag = f.lower()
         files[f"intruders_vs_steps_{tag}"] = plots.plot_series(
             {**{f"r={r['rank']}": tuple(zip(*r["intruders_vs_steps"])) for r in rs},
              "full FT": tuple(zip(*full["intruders_vs_steps"]))},
             "training step", "intruders (all layers)", f"{f}: intruders during training",
-            os.path.join(out, f"intruders_vs_steps_{tag}.png"))
+            os.path.join(out, f"intruders_vs_steps_{tag}.png"), counts=True)
         for measure, ylabel in (("drift", "drift: 1 - mean cos(base, tuned)"),
                                 ("similarity_forgetting", "1 - corr(pair similarities)"),
                                 ("accuracy", "test accuracy")):

@@ -57,6 +57,9 @@ def test_every_plot_writes_a_png(tmp_path):
         plots.plot_bars(["a", "b"], [3, 0], "n", "bars", tmp_path / "e.png"),
         plots.plot_grouped_bars(["a", "b"], {"tuned": [0.9, 0.8], "mitigated": [0.85, None]},
                                 "acc", "grouped", tmp_path / "f.png"),
+        plots.plot_series({"LoRA": ([1, 2, 4], [0, 0, 0]), "rsLoRA": ([1, 4], [1, 3])}, "rank",
+                          "intruders", "series", tmp_path / "g.png", logx=True,
+                          hlines={"full": 0}, counts=True),
     ]
     for f in files:
         assert_png(f)
