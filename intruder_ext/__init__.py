@@ -22,6 +22,8 @@ _EXPORTS = {
     "IntruderReport": "report", "ModuleReport": "report",
     "Layer": "layers", "LayerSet": "layers",
     "find_intruders": "detection",
+    "CalibrationWarning": "calibration", "null_max_cos": "calibration",
+    "IntruderMonitor": "monitor", "IntruderCallback": "callback",
     "merge_and_unload_with_reduced_intruder_dimensions": "mitigation",
     "mitigate_checkpoint": "mitigation", "reduce_intruder_dimension": "mitigation",
 }

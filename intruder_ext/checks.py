@@ -7,6 +7,7 @@ import math
 from numbers import Integral, Real
 
 RANK_POLICIES = ("peft", "exact")
+CONTROLS = (None, "uniform")
 
 
 def _number(value) -> bool:
@@ -21,6 +22,14 @@ def epsilon(func: str, arg: str, value) -> float:
     return float(value)
 
 
+def basis_rtol(func: str, value) -> float:
+    """The relative gap (to the largest base singular value) below which base singular values
+    are grouped as interchangeable: a finite number >= 0."""
+    if not _number(value) or value < 0:
+        raise ValueError(f"{func}: basis_rtol must be a finite number >= 0 (got {value!r})")
+    return float(value)
+
+
 def top_k(func: str, value) -> int | float:
     """An int >= 1, or a fraction in (0, 1) of ``min(m, n)``."""
     if isinstance(value, Integral) and not isinstance(value, bool) and value >= 1:
@@ -28,6 +37,19 @@ def top_k(func: str, value) -> int | float:
     if _number(value) and not isinstance(value, Integral) and 0 < value < 1:
         return float(value)
     raise ValueError(f"{func}: top_k must be an int >= 1 or a float in (0, 1) (got {value!r})")
+
+
+def learning_rate(func: str, arg: str, value) -> float:
+    if not _number(value) or value <= 0:
+        raise ValueError(f"{func}: {arg} must be a positive number (got {value!r})")
+    return float(value)
+
+
+def fraction(func: str, arg: str, value) -> float:
+    """A number in [0, 1] (an accuracy, a probability)."""
+    if not _number(value) or not 0 <= value <= 1:
+        raise ValueError(f"{func}: {arg} must be a number in [0, 1] (got {value!r})")
+    return float(value)
 
 
 def mitigation_lambda(func: str, value) -> float:
@@ -42,9 +64,23 @@ def rank_policy(func: str, value) -> str:
     return value
 
 
+def control(func: str, value):
+    """Which mitigation: ``None`` (the intruder-targeted one) or ``"uniform"`` (its control)."""
+    if value not in CONTROLS:
+        raise ValueError(f"{func}: control must be one of {CONTROLS} (got {value!r})")
+    return value
+
+
 def positive_int(func: str, arg: str, value) -> int:
     if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{func}: {arg} must be a positive integer (got {value!r})")
+    return int(value)
+
+
+def step(func: str, value) -> int:
+    """A training step: an integer >= 0."""
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{func}: step must be an integer >= 0 (got {value!r})")
     return int(value)
 
 

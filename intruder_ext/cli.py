@@ -32,6 +32,11 @@ def _quiet_libraries():
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft)\b")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings (e.g. an epsilon below chance level) as one line each, like errors."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _log(args, msg: str) -> None:
     if not args.quiet:
         print(msg, file=sys.stderr, flush=True)
@@ -122,10 +127,11 @@ def cmd_detect(args) -> int:
     results, skipped = detect_layers(layer_set, args.top_k, args.epsilon,
                                      cache_dir=_cache_arg(args), device=args.device,
                                      progress=not args.quiet, desc="detect",
-                                     skip_nonfinite=args.skip_nonfinite)
+                                     skip_nonfinite=args.skip_nonfinite,
+                                     basis_rtol=args.basis_rtol)
     _log(args, f"detection: {len(results)} layers in {time.perf_counter() - t0:.2f}s")
     report = IntruderReport([r.record for r in results], args.top_k, args.epsilon,
-                            layer_set.adapter_name, skipped)
+                            layer_set.adapter_name, skipped, args.basis_rtol)
     print(report)
     _detect_outputs(args, report, layer_set, outputs)
     return 0
@@ -138,7 +144,8 @@ def cmd_mitigate(args) -> int:
     t0 = time.perf_counter()
     report = mitigate_checkpoint(
         args.base, args.adapter, args.out, top_k=args.top_k, threshold_epsilon=args.epsilon,
-        mitigation_lambda=args.mitigation_lambda, rank=args.rank, merge=args.merge,
+        mitigation_lambda=args.mitigation_lambda, rank=args.rank, control=args.control,
+        merge=args.merge,
         cache_dir=_cache_arg(args), device=args.device, progress=not args.quiet,
         logging_sink=lambda msg: _log(args, msg))
     _log(args, str(report))
@@ -172,13 +179,28 @@ def cmd_cache(args) -> int:
 
 # ---------------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
+    common = dict(top_k=args.top_k, epsilon=args.epsilon, seed=args.seed,
+                  mitigation_lambda=args.mitigation_lambda, model_path=args.model,
+                  threads=args.threads or 0, cache_dir=args.cache_dir,
+                  targets=tuple(_modules(args.targets)), quiet=args.quiet)
+    # Unset size options take each mode's own default.
+    sizes = {k: v for k, v in (("out", args.out), ("epochs", args.epochs),
+                               ("max_examples", args.max_examples),
+                               ("ranks", args.ranks and tuple(args.ranks))) if v is not None}
+    if args.sweep:
+        from .sweep import SweepConfig, run_sweep
+        rates = {k: tuple(v) for k, v in (("lora_lrs", args.lrs), ("full_lrs", args.full_lrs))
+                 if v is not None}
+        if args.target_accuracy is not None:
+            rates["target_accuracy"] = args.target_accuracy
+        run_sweep(SweepConfig(**common, **sizes, **rates))
+        return 0
+    for flag, value in (("--lrs", args.lrs), ("--full-lrs", args.full_lrs),
+                        ("--target-accuracy", args.target_accuracy)):
+        if value is not None:
+            raise UserError(f"demo: {flag} is a --sweep option")
     from .demo import DemoConfig, run_demo
-    run_demo(DemoConfig(
-        out=args.out, ranks=tuple(args.ranks), epochs=args.epochs,
-        max_examples=args.max_examples, top_k=args.top_k, epsilon=args.epsilon,
-        mitigation_lambda=args.mitigation_lambda, seed=args.seed, model_path=args.model,
-        threads=args.threads or 0, cache_dir=args.cache_dir,
-        targets=tuple(_modules(args.targets)), quiet=args.quiet))
+    run_demo(DemoConfig(**common, **sizes))
     return 0
 
 
@@ -211,6 +233,15 @@ def _ranks(text: str) -> list:
     if not ranks:
         raise ValueError(text)
     return ranks
+
+
+def _rates(text: str) -> list:
+    from . import checks
+    rates = [checks.learning_rate("demo", "--lrs", float(t))
+             for t in text.split(",") if t.strip()]
+    if not rates:
+        raise ValueError(text)
+    return rates
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="overwrite existing --json/--report files and write into an existing "
                         "--plots directory (inputs are never written)")
+    p.add_argument("--basis-rtol", type=_typed(lambda v: checks.basis_rtol("--basis-rtol", v),
+                                               float, "a number"), default=1e-4,
+                   help="base singular values closer than this times the largest are treated "
+                        "as interchangeable: each vector's max |cos| range over those bases is "
+                        "reported, and vectors whose intruder status depends on it (1e-4)")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip (and report) modules whose weights hold NaN or inf instead of "
                         "failing")
@@ -287,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", choices=checks.RANK_POLICIES, default="peft",
                    help="peft: keep each layer's rank r (PEFT's result); exact: rank r + "
                         "#intruders, so the mitigation is exact (default peft)")
+    p.add_argument("--control", choices=[c for c in checks.CONTROLS if c], default=None,
+                   help="uniform: instead of the intruders, scale each layer's whole update so "
+                        "that the weight changes by the same Frobenius norm (the control that "
+                        "tells whether targeting the intruders is what helps)")
     p.add_argument("--merge", action="store_true",
                    help="write the merged model (BASE's shards, dtype and tokenizer) instead of "
                         "an adapter")
@@ -310,15 +350,34 @@ def build_parser() -> argparse.ArgumentParser:
                                    "task with LoRA, rsLoRA and full fine-tuning on CPU, finds "
                                    "and mitigates intruders, and writes report.md, plots and "
                                    "results.json.")
-    p.add_argument("--out", default="intruder_ext_demo", metavar="DIR",
-                   help="output directory (default ./intruder_ext_demo)")
+    p.add_argument("--sweep", action="store_true",
+                   help="test the paper's claims instead: LoRA and rsLoRA at every rank of "
+                        "--ranks and full fine-tuning, each at the smallest learning rate of a "
+                        "grid that reaches --target-accuracy; intruders against steps and rank, "
+                        "forgetting before and after mitigation and its uniform control "
+                        "(about 13 minutes on one CPU thread at the defaults)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory (default ./intruder_ext_demo, with --sweep "
+                        "./intruder_ext_sweep)")
     p.add_argument("--ranks", type=_typed(lambda v: v, _ranks,
                                           "comma-separated positive integers"),
-                   default=[1, 8, 64],
-                   help="LoRA ranks, comma-separated (default 1,8,64); rsLoRA uses the largest")
-    p.add_argument("--epochs", type=positive_int, default=5, help="training epochs (5)")
-    p.add_argument("--max-examples", type=positive_int, default=320,
-                   help="task size, train + test (320)")
+                   help="LoRA ranks, comma-separated (default 1,8,64, rsLoRA at the largest; "
+                        "with --sweep 1,2,4,8,16,32,64, LoRA and rsLoRA at each)")
+    p.add_argument("--epochs", type=positive_int,
+                   help="training epochs (5; with --sweep at most 5, stopping at the target)")
+    p.add_argument("--max-examples", type=positive_int,
+                   help="task size, all splits (320; with --sweep 400)")
+    p.add_argument("--target-accuracy", type=_typed(
+        lambda v: checks.fraction("--target-accuracy", "accuracy", v), float, "a number"),
+        help="--sweep: validation accuracy every run must reach (0.9)")
+    p.add_argument("--lrs", type=_typed(lambda v: v, _rates,
+                                        "comma-separated positive numbers"),
+                   help="--sweep: learning-rate grid of LoRA and rsLoRA (1.5625e-5 to 4e-3 "
+                        "in factors of 2)")
+    p.add_argument("--full-lrs", type=_typed(lambda v: v, _rates,
+                                             "comma-separated positive numbers"),
+                   help="--sweep: learning-rate grid of full fine-tuning "
+                        "(5e-6,1e-5,2e-5,4e-5,8e-5)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy "
                         "machine)")
@@ -341,10 +400,12 @@ def main(argv=None) -> int:
         if "device" in args:  # whether this machine has it is a run-time error, not usage
             from . import checks
             args.device = checks.device(args.command, args.device)
-        _quiet_libraries()
         if args.quiet:
             os.environ["TQDM_DISABLE"] = "1"
-        return args.func(args)
+        with warnings.catch_warnings():  # the filters and format for this command only
+            _quiet_libraries()
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

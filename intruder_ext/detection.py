@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 
 from . import checks
 from .cache import SpectrumCache
+from .calibration import (BASIS_RTOL, alignment, basis_groups, max_cos_interval, null_max_cos,
+                          warn_below_null)
 from .layers import (Layer, LayerSet, NonFiniteError, Skipped, checkpoint_layers,
                      is_peft_model, model_pair_layers, peft_model_layers)
 from .report import IntruderReport, ModuleReport
@@ -64,34 +66,57 @@ def _top(layer: Layer, base: BaseSpectrum, k: int) -> TopK:
     return weight_topk(layer.tuned_weight(base.device), base, k)
 
 
-def analyse_layer(layer: Layer, spectrum, top_k, epsilon: float, device=None) -> LayerResult:
+def analyse_layer(layer: Layer, spectrum, top_k, epsilon: float, device=None,
+                  basis_rtol: float = BASIS_RTOL) -> LayerResult:
     """Read one layer, compute its top-k against the base spectrum and its intruders."""
-    W0 = layer.base_weight(device)
-    top = _top(layer, spectrum(W0), resolve_top_k(top_k, layer.shape))
-    intruders = torch.nonzero(top.max_cos < epsilon).flatten().tolist()
+    return analyse_against(layer, spectrum(layer.base_weight(device)), top_k, epsilon,
+                           basis_rtol)
+
+
+def analyse_against(layer: Layer, base: BaseSpectrum, top_k, epsilon: float,
+                    basis_rtol: float = BASIS_RTOL) -> LayerResult:
+    """One layer's record against its base spectrum ``base`` (already at hand): the top-k, the
+    intruders, and their calibration (:mod:`intruder_ext.calibration`)."""
+    top = _top(layer, base, resolve_top_k(top_k, layer.shape))
+    max_cos = top.max_cos.detach()
+    intruders = torch.nonzero(max_cos < epsilon).flatten().tolist()
+    m, n = layer.shape
+    null = null_max_cos(m, min(m, n))
+    coords = base.U.mT @ top.U.detach().to(base.U.dtype)  # (p, k): cos(y_j, x_i)
+    lo, hi = max_cos_interval(coords, basis_groups(base.S, basis_rtol))
+    # The engine's max_cos and these coordinates differ by rounding; keep max_cos inside.
+    lo = torch.minimum(lo.to(max_cos.dtype), max_cos)
+    hi = torch.maximum(hi.to(max_cos.dtype), max_cos)
+    sensitive = torch.nonzero((lo < epsilon) & (hi >= epsilon)).flatten().tolist()
     record = ModuleReport(
         name=layer.name, kind=layer.kind, shape=tuple(layer.shape), rank=layer.rank,
-        scale=layer.scale, sigma=top.sigma.detach().cpu(), max_cos=top.max_cos.detach().cpu(),
+        scale=layer.scale, sigma=top.sigma.detach().cpu(), max_cos=max_cos.cpu(),
         argmax=top.argmax.detach().cpu(), intruders=intruders,
         residual=top.residual.detach().cpu(), converged=bool(top.converged),
-        iterations=int(top.iterations), method=str(top.method))
+        iterations=int(top.iterations), method=str(top.method),
+        null_max_cos=null.median, null_max_cos_p99=null.p99,
+        alignment=alignment(max_cos, null.median).cpu(), max_cos_lo=lo.cpu(),
+        max_cos_hi=hi.cpu(), basis_sensitive=sensitive)
     return LayerResult(layer, top, record)
 
 
 def detect_layers(layer_set: LayerSet, top_k, epsilon: float, *, cache_dir=None, device=None,
-                  progress=True, desc="find_intruders", skip_nonfinite=False):
+                  progress=True, desc="find_intruders", skip_nonfinite=False,
+                  basis_rtol: float = BASIS_RTOL):
     """Analyse every layer of ``layer_set``; returns ``(results, skipped)``. A non-finite weight
     or factor is an error naming the module and tensor, or, with ``skip_nonfinite``, a skipped
-    layer with that reason."""
+    layer with that reason. Warns (:class:`~intruder_ext.calibration.CalibrationWarning`) when
+    epsilon does not separate intruders from chance in some layer."""
     spectrum = spectrum_source(cache_dir)
     results, skipped = [], list(layer_set.skipped)
     for layer in tqdm(layer_set.layers, desc=desc, unit="module", disable=not progress):
         try:
-            results.append(analyse_layer(layer, spectrum, top_k, epsilon, device))
+            results.append(analyse_layer(layer, spectrum, top_k, epsilon, device, basis_rtol))
         except NonFiniteError as e:
             if not skip_nonfinite:
                 raise
             skipped.append(Skipped(layer.name, str(e).split(": ", 1)[-1]))
+    warn_below_null([r.record for r in results], epsilon, stacklevel=3)
     return results, skipped
 
 
@@ -121,7 +146,7 @@ def layer_sources(func: str, model, tuned_model, adapter_name, modules) -> Layer
 
 def find_intruders(model, tuned_model=None, *, adapter_name=None, top_k=10, epsilon=0.5,
                    modules=None, cache_dir=None, device=None, progress=True,
-                   skip_nonfinite=False) -> IntruderReport:
+                   skip_nonfinite=False, basis_rtol=BASIS_RTOL) -> IntruderReport:
     """Find intruder dimensions (Shuttleworth et al., arXiv 2410.21228).
 
     ``y_j`` (the j-th left singular vector of the tuned weight ``W``, j < top_k) is an intruder
@@ -149,19 +174,26 @@ def find_intruders(model, tuned_model=None, *, adapter_name=None, top_k=10, epsi
         progress: show a tqdm bar over the modules.
         skip_nonfinite: skip (and report as skipped) a module whose weight or factors hold NaN
             or inf, instead of raising ``ValueError`` naming it.
+        basis_rtol: base singular values whose consecutive gaps are at most ``basis_rtol``
+            times the largest form a group whose vectors any valid basis may rotate; each
+            record's ``max_cos_lo``/``max_cos_hi`` is the range of ``max_cos`` over those bases
+            (:mod:`intruder_ext.calibration`; 0 groups only exactly equal values).
 
-    Returns an :class:`~intruder_ext.report.IntruderReport`; nothing is changed.
+    Returns an :class:`~intruder_ext.report.IntruderReport`; nothing is changed. Warns
+    (:class:`~intruder_ext.calibration.CalibrationWarning`) when ``epsilon`` is at or below what
+    a random direction reaches (the 99th percentile of the null) in some module.
     """
     func = "find_intruders"
     top_k = checks.top_k(func, top_k)
     epsilon = checks.epsilon(func, "epsilon", epsilon)
+    basis_rtol = checks.basis_rtol(func, basis_rtol)
     device = checks.device(func, device)
     layer_set = layer_sources(func, model, tuned_model, adapter_name, modules)
     results, skipped = detect_layers(layer_set, top_k, epsilon, cache_dir=cache_dir,
                                      device=device, progress=progress,
-                                     skip_nonfinite=skip_nonfinite)
+                                     skip_nonfinite=skip_nonfinite, basis_rtol=basis_rtol)
     return IntruderReport([r.record for r in results], top_k, epsilon, layer_set.adapter_name,
-                          skipped)
+                          skipped, basis_rtol)
 
 
 @dataclass

@@ -52,7 +52,8 @@ from .checkpoints import (AdapterDirectory, CheckpointError, ModelDirectory, is_
 
 __all__ = ["CONV1D_MODEL_TYPES", "CONV1D_MODULES", "EMBEDDING_MODULES", "KINDS", "PEFT_PREFIX",
            "CheckpointAdapter", "Layer", "LayerSet", "NonFiniteError", "Skipped",
-           "checkpoint_pair_layers", "model_pair_layers", "pattern_key", "peft_model_layers"]
+           "checkpoint_pair_layers", "model_pair_layers", "module_type", "pattern_key",
+           "peft_model_layers"]
 
 KINDS = ("linear", "conv1d", "embedding")
 PEFT_PREFIX = "base_model.model."
@@ -129,6 +130,12 @@ def select(func: str, layers: list, modules) -> list:
         raise ValueError(f"{func}: modules {unknown} match no layer (available: {names[:8]}"
                          f"{' ...' if len(names) > 8 else ''})")
     return [t for t in layers if any(hit(t.name, m) for m in modules)]
+
+
+def module_type(name: str) -> str:
+    """A layer's module type, the last part of its name (``q_proj`` for
+    ``model.layers.0.self_attn.q_proj``): what LoRA's ``target_modules`` name."""
+    return name.rsplit(".", 1)[-1]
 
 
 def natural_key(name: str):

@@ -14,6 +14,14 @@ each and a tiny core SVD, same-shaped layers batched). Keeping the top r triplet
 mitigated update. Two entry points: :func:`reduce_intruder_dimension` on a PeftModel in memory
 (PEFT's signature), and :func:`mitigate_checkpoint` on checkpoints on disk, which writes a new
 adapter or merged model without building any model.
+
+The control (``control="uniform"``): to tell whether *targeting* the intruders is what helps,
+each layer's whole update ``s B A`` is scaled by one factor ``c`` chosen so that the change to
+the weight has the same Frobenius norm as the targeted mitigation's (under the same rank
+policy): ``(1 - c) ||s B A||_F = ||s (B' A' - B A)||_F``. Its factors are ``sqrt(c) B`` and
+``sqrt(c) A`` (rank r, no truncation). Where the targeted change exceeds the whole update (the
+intruders' singular values include base-weight energy) ``c`` is 0 and the change falls short;
+the record says so. Every record's ``mitigation`` holds the numbers (:func:`_summary`).
 """
 
 from __future__ import annotations
@@ -38,16 +46,26 @@ def _quiet(*args, **kwargs):
     pass
 
 
+def _product_norm(X: torch.Tensor, Y: torch.Tensor) -> float:
+    """``||X @ Y||_F`` for thin X (m, q) and Y (q, n), from the triangular factors of their QRs
+    (in float64: the change of a mitigation can be small against the update)."""
+    Rx = torch.linalg.qr(X.double())[1]
+    Ry = torch.linalg.qr(Y.double().mT)[1]
+    return float((Rx @ Ry.mT).norm())
+
+
 def mitigated_factors(results: list[LayerResult], mitigation_lambda: float, rank: str,
-                      log=_quiet) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """New ``(B', A')`` (map orientation) for every layer with intruders, keyed by layer name.
-    Layers whose stacked factors have the same shapes, dtype and device share one
-    :func:`lowrank_svd` call.
+                      log=_quiet, control=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """New ``(B', A')`` (map orientation) for every layer with intruders, keyed by layer name,
+    targeted (``control=None``) or the uniform control (``control="uniform"``, see the module
+    doc). Sets every record's ``mitigation`` summary. Layers whose stacked factors have the
+    same shapes, dtype and device share one :func:`lowrank_svd` call.
 
     A rank the layer cannot hold is handled exactly: with ``rank="peft"`` and ``r > min(m, n)``
     the factors are padded with zero columns (the update has rank at most min(m, n), so nothing
     is lost); with ``rank="exact"``, ``r + |I|`` is clamped to ``min(m, n)``. Both are logged."""
     groups: dict[tuple, list] = {}
+    originals = {}
     for res in results:
         if not res.intruders:
             continue
@@ -55,7 +73,7 @@ def mitigated_factors(results: list[LayerResult], mitigation_lambda: float, rank
         if layer.scale == 0:
             raise LayerError(f"module {layer.name!r} has LoRA scale 0 (lora_alpha = 0): its "
                              "mitigated update cannot be stored as scale * B @ A")
-        B, A = layer.factors(top.U.device, dtype=top.U.dtype)
+        B, A = originals[layer.name] = layer.factors(top.U.device, dtype=top.U.dtype)
         idx = torch.tensor(res.intruders, device=top.U.device)
         Y, S, Zt = top.U.index_select(1, idx), top.sigma.index_select(0, idx), \
             top.Vh.index_select(0, idx)
@@ -88,7 +106,37 @@ def mitigated_factors(results: list[LayerResult], mitigation_lambda: float, rank
                 B = torch.cat([B, B.new_zeros(B.shape[0], keep - have)], dim=1)
                 A = torch.cat([A, A.new_zeros(keep - have, A.shape[1])], dim=0)
             out[name] = (B, A)
+    for res in results:
+        layer = res.layer
+        if layer.name not in out:
+            res.record.mitigation = _summary(control, mitigation_lambda, 0.0, 0.0, 1.0)
+            continue
+        B, A = originals[layer.name]
+        B1, A1 = out[layer.name]
+        s = layer.scale
+        targeted = abs(s) * _product_norm(torch.cat([B1, -B], dim=1), torch.cat([A1, A]))
+        if control is None:
+            res.record.mitigation = _summary(control, mitigation_lambda, targeted, targeted,
+                                             None)
+            continue
+        whole = abs(s) * _product_norm(B, A)
+        c = 1.0 - targeted / whole
+        if c < 0:
+            log(f"{layer.name}: the targeted change ({targeted:.4g}) exceeds the whole "
+                f"update's norm ({whole:.4g}); the uniform control removes the update")
+            c = 0.0
+        out[layer.name] = (math.sqrt(c) * B, math.sqrt(c) * A)
+        res.record.mitigation = _summary(control, mitigation_lambda, (1.0 - c) * whole,
+                                         targeted, c)
     return out
+
+
+def _summary(control, mitigation_lambda, change, targeted, factor) -> dict:
+    """A record's ``mitigation``: which one, lambda, the Frobenius norm of the change it made to
+    the layer's weight, the targeted mitigation's (equal to it unless the control could not
+    reach it), and the control's factor on the update (None for the targeted one)."""
+    return {"control": control or "intruders", "lambda": mitigation_lambda,
+            "change_norm": change, "targeted_change_norm": targeted, "uniform_factor": factor}
 
 
 def exact_patterns(results: list[LayerResult], factors: dict, use_rslora: bool):
@@ -107,10 +155,10 @@ def exact_patterns(results: list[LayerResult], factors: dict, use_rslora: bool):
     return ranks, alphas
 
 
-def _check_args(func, top_k, threshold_epsilon, mitigation_lambda, rank, device):
+def _check_args(func, top_k, threshold_epsilon, mitigation_lambda, rank, device, control):
     return (checks.top_k(func, top_k), checks.epsilon(func, "threshold_epsilon", threshold_epsilon),
             checks.mitigation_lambda(func, mitigation_lambda), checks.rank_policy(func, rank),
-            checks.device(func, device))
+            checks.device(func, device), checks.control(func, control))
 
 
 # ---------------------------------------------------------------------------------- in memory
@@ -134,7 +182,8 @@ def _new_config(old_config, results: list[LayerResult], factors: dict, rank: str
 def reduce_intruder_dimension(peft_model, old_adapter_name="default",
                               new_adapter_name="intruder_reduced", top_k=10, threshold_epsilon=0.5,
                               mitigation_lambda=0.75, logging_sink=print, *, rank="peft",
-                              cache_dir=None, device=None, progress=False) -> IntruderReport:
+                              control=None, cache_dir=None, device=None,
+                              progress=False) -> IntruderReport:
     """PEFT's ``reduce_intruder_dimension``, fast: same signature, same semantics.
 
     Adds the adapter ``new_adapter_name`` holding the mitigated update of ``old_adapter_name``
@@ -149,21 +198,27 @@ def reduce_intruder_dimension(peft_model, old_adapter_name="default",
             ``"exact"`` keeps rank r + |I| on layers with intruders (through the new config's
             ``rank_pattern``/``alpha_pattern``, with the same scale), so the stored update is the
             mitigated one up to round-off.
+        control: ``None`` (the mitigation above), or ``"uniform"``: the control, which scales
+            each layer's whole update by one factor so that the weight changes by the same
+            Frobenius norm as under the targeted mitigation with the same ``rank`` (layers
+            without intruders are unchanged, as there). Compare the two to check that targeting
+            the intruders is what helps.
         cache_dir, device, progress: as for :func:`intruder_ext.find_intruders`.
 
-    Returns the :class:`IntruderReport` of ``old_adapter_name`` that drove the mitigation.
+    Returns the :class:`IntruderReport` of ``old_adapter_name`` that drove the mitigation; each
+    record's ``mitigation`` holds the norm of the change made to its layer.
     All arguments are checked before anything changes; if anything fails midway the new adapter
     is removed again and the model is as before.
     """
     return _reduce("reduce_intruder_dimension", peft_model, old_adapter_name, new_adapter_name,
                    top_k, threshold_epsilon, mitigation_lambda, logging_sink, rank, cache_dir,
-                   device, progress)
+                   device, progress, control)
 
 
 def _reduce(func, peft_model, old_adapter_name, new_adapter_name, top_k, threshold_epsilon,
-            mitigation_lambda, logging_sink, rank, cache_dir, device, progress):
-    top_k, epsilon, lam, rank, device = _check_args(func, top_k, threshold_epsilon,
-                                                    mitigation_lambda, rank, device)
+            mitigation_lambda, logging_sink, rank, cache_dir, device, progress, control=None):
+    top_k, epsilon, lam, rank, device, control = _check_args(
+        func, top_k, threshold_epsilon, mitigation_lambda, rank, device, control)
     old = check_adapter(func, "old_adapter_name", peft_model, old_adapter_name)
     if not isinstance(new_adapter_name, str) or not new_adapter_name:
         raise ValueError(f"{func}: new_adapter_name must be a non-empty string "
@@ -177,7 +232,7 @@ def _reduce(func, peft_model, old_adapter_name, new_adapter_name, top_k, thresho
     # Everything that can fail on the maths happens before the model is touched.
     results, _ = detect_layers(layer_set, top_k, epsilon, cache_dir=cache_dir, device=device,
                                progress=progress, desc=func)
-    factors = mitigated_factors(results, lam, rank, sink)
+    factors = mitigated_factors(results, lam, rank, sink, control)
     config = _new_config(peft_model.peft_config[old], results, factors, rank)
 
     active_before = list(peft_model.active_adapters)
@@ -230,8 +285,9 @@ def merge_and_unload_with_reduced_intruder_dimensions(peft_model, adapter_name="
 
 # ---------------------------------------------------------------------------------- on disk
 def mitigate_checkpoint(base, adapter, out, *, top_k=10, threshold_epsilon=0.5,
-                        mitigation_lambda=0.75, rank="peft", merge=False, cache_dir=None,
-                        device=None, progress=True, logging_sink=None) -> IntruderReport:
+                        mitigation_lambda=0.75, rank="peft", control=None, merge=False,
+                        cache_dir=None, device=None, progress=True,
+                        logging_sink=None) -> IntruderReport:
     """Mitigate the LoRA adapter ``adapter`` (a directory or Hub id) of the base checkpoint
     ``base`` and write the result to the new directory ``out``, without building any model.
 
@@ -245,8 +301,8 @@ def mitigate_checkpoint(base, adapter, out, *, top_k=10, threshold_epsilon=0.5,
     Returns the report of the original adapter.
     """
     func = "mitigate"
-    top_k, epsilon, lam, rank, device = _check_args(func, top_k, threshold_epsilon,
-                                                    mitigation_lambda, rank, device)
+    top_k, epsilon, lam, rank, device, control = _check_args(
+        func, top_k, threshold_epsilon, mitigation_lambda, rank, device, control)
     sink = logging_sink if logging_sink is not None else _quiet
     layer_set, ckpt = checkpoint_layers(func, base, adapter, tuned_label="ADAPTER",
                                         side_files=merge)
@@ -258,7 +314,8 @@ def mitigate_checkpoint(base, adapter, out, *, top_k=10, threshold_epsilon=0.5,
     factors = {}
     for res in results:  # one layer at a time: only the new factors are kept
         factors.update({name: (B.cpu(), A.cpu())
-                        for name, (B, A) in mitigated_factors([res], lam, rank, sink).items()})
+                        for name, (B, A) in mitigated_factors([res], lam, rank, sink,
+                                                              control).items()})
         res.top = None
     with atomic_directory(out) as tmp:
         if merge:

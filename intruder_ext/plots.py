@@ -72,14 +72,51 @@ def count_vs_epsilon(max_cos_per_layer: Iterable[Sequence[float]],
     return [sum(v < eps for v in values) for eps in epsilons]
 
 
+def null_range(records) -> tuple[float, float]:
+    """The chance level to mark on a plot of several layers: the largest null median and 99th
+    percentile of max |cos| over the records (the widest layer sets the lowest)."""
+    return (max(r.null_max_cos for r in records), max(r.null_max_cos_p99 for r in records))
+
+
 def plot_count_vs_epsilon(series: Mapping[str, Sequence[int]], epsilons: Sequence[float],
-                          title: str, path: str) -> str:
-    """One line per run: total intruder count against the threshold epsilon."""
+                          title: str, path: str, null: tuple[float, float] | None = None) -> str:
+    """One line per run: total intruder count against the threshold epsilon. ``null``
+    (median, p99 of a random direction's max |cos|, from :func:`null_range`) is shaded: an
+    epsilon there counts chance-level directions as aligned."""
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    if null is not None:
+        ax.axvspan(0, null[1], color="0.85", zorder=0,
+                   label=f"random direction: max |cos| up to p99 {null[1]:.3f}")
+        ax.axvline(null[0], color="0.45", ls="--", lw=1,
+                   label=f"random direction: median {null[0]:.3f}")
     for label, counts in series.items():
         ax.plot(epsilons, counts, marker="o", ms=3, label=label)
     ax.set_xlabel("epsilon (intruder if max |cos| < epsilon)")
     ax.set_ylabel("intruders, all layers")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_series(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str,
+                ylabel: str, title: str, path: str, logx: bool = False,
+                hlines: Mapping[str, float] | None = None, counts: bool = False) -> str:
+    """Lines ``label -> (xs, ys)`` on common axes (intruders against steps or rank, forgetting
+    against rank, ...); ``hlines``: labelled horizontal references (e.g. full fine-tuning);
+    ``counts``: integer y ticks from 0."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.9))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", ms=3, label=label)
+    for i, (label, y) in enumerate((hlines or {}).items()):
+        ax.axhline(y, color=f"C{len(series) + i}", ls="--", lw=1.2, label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if counts:
+        ax.set_ylim(bottom=0, top=max(1, ax.get_ylim()[1]))
+        ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -184,7 +221,8 @@ def report_plots(report, directory: str, epsilons=None) -> list[tuple[str, str]]
         ("Intruder count against epsilon", plot_count_vs_epsilon(
             {"all layers": count_vs_epsilon([m.max_cos.tolist() for m in report], epsilons)},
             epsilons, f"Intruder count against epsilon (top-{report.top_k})",
-            os.path.join(directory, "count_vs_epsilon.png"))),
+            os.path.join(directory, "count_vs_epsilon.png"),
+            null_range(report.modules) if len(report) else None)),
     ]
 
 
@@ -205,12 +243,25 @@ def layer_plots(view, directory: str, suffix: str, label: str = "") -> dict:
 def report_summary(report, base: str, tuned: str) -> str:
     """The Markdown summary of a detection: totals, then one row per layer."""
     rows = [[m.name, "x".join(map(str, m.shape)), m.num_intruders,
-             f"{float(m.max_cos.min()):.3f}" if len(m.max_cos) else "-"] for m in report]
+             f"{float(m.max_cos.min()):.3f}" if len(m.max_cos) else "-",
+             f"{m.null_max_cos:.3f} / {m.null_max_cos_p99:.3f}",
+             f"{float(m.alignment.min()):.3f}" if len(m.alignment) else "-",
+             len(m.basis_sensitive)] for m in report]
     t = report.totals
     text = (f"BASE: `{base}`  \nTUNED: `{tuned}`  \n"
             f"top-k = {report.top_k}, epsilon = {report.epsilon}: **{t['intruders']} intruders** "
             f"in {t['modules_with_intruders']} of {t['modules']} layers.\n\n"
-            + markdown_table(["layer", "shape", "intruders", "min max|cos|"], rows))
+            + markdown_table(["layer", "shape", "intruders", "min max|cos|",
+                              "random direction median / p99", "min alignment",
+                              "basis-dependent"], rows)
+            + "\n\nalignment = (max|cos| - random median) / (1 - random median), clipped to "
+              "[0, 1]; basis-dependent: vectors whose intruder status changes with the choice "
+              f"of base singular vectors among near-equal values (basis_rtol = "
+              f"{report.basis_rtol:g}).")
+    if t["modules_epsilon_below_null"]:
+        text += (f"\n\n**Warning**: epsilon is at or below the 99th percentile of a random "
+                 f"direction's max|cos| in {t['modules_epsilon_below_null']} layers: there "
+                 f"chance-level directions count as aligned.")
     if report.skipped:
         text += "\n\nSkipped:\n\n" + "\n".join(f"- `{s.name}`: {s.reason}"
                                                  for s in report.skipped)

@@ -45,8 +45,11 @@ def cli(capsys, *args):
 
 
 def assert_user_error(res, *fragments):
+    """Exit status 2 and one error line (after warning lines, if any: a 32-wide test model is
+    below chance level at epsilon 0.5)."""
     assert res.returncode == 2, res.stderr
-    lines = res.stderr.strip().splitlines()
+    lines = [line for line in res.stderr.strip().splitlines()
+             if not line.startswith("intruder-ext: warning: ")]
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("intruder-ext: error: "), lines[0]
     for f in fragments:
@@ -108,7 +111,13 @@ def test_detect_adapter_writes_json_plots_and_report(models, tmp_path):
                   "--plots", out, "--report", tmp_path / "report.md", "--cache-dir",
                   tmp_path / "cache", "--quiet")
     assert res.returncode == 0, res.stderr
-    assert res.stderr == ""  # --quiet: no progress or status lines
+    # --quiet: no progress or status lines; warnings stay, one line each (32 wide: epsilon 0.5
+    # is below what a random direction reaches in 1% of cases).
+    assert res.stderr.splitlines() == [
+        "intruder-ext: warning: epsilon=0.5 is at or below the 99th percentile of max |cos| of a "
+        "random direction in 4 of 4 modules (up to 0.590 in encoder.layer.0.attention.self.query,"
+        " 32x32): there chance-level directions count as aligned; raise epsilon or read the "
+        "alignment column"]
     data = json.loads((tmp_path / "r.json").read_text())
     names = [m["name"] for m in data["modules"]]
     assert len(names) == 4 and all(n.endswith(("query", "value")) for n in names)
@@ -131,12 +140,16 @@ def test_detect_adapter_writes_json_plots_and_report(models, tmp_path):
 def test_detect_options_change_the_analysis(models, tmp_path, capsys):
     res = cli(capsys, "detect", models / "base", models / "adapter", "--modules", "query",
                   "--top-k", "3", "--epsilon", "0.9", "--json", tmp_path / "r.json",
-                  "--cache-dir", tmp_path / "cache", "-q")
+                  "--basis-rtol", "0.5", "--cache-dir", tmp_path / "cache", "-q")
     assert res.returncode == 0, res.stderr
+    assert res.stderr == ""  # epsilon 0.9 is above chance level: no warning
     data = json.loads((tmp_path / "r.json").read_text())
     assert [m["name"].endswith("query") for m in data["modules"]] == [True, True]
     assert all(len(m["max_cos"]) == 3 for m in data["modules"])
-    assert data["epsilon"] == 0.9
+    assert data["epsilon"] == 0.9 and data["basis_rtol"] == 0.5
+    # Grouping half the spectrum's range together widens every interval.
+    assert any(hi - lo > 0.1 for m in data["modules"]
+               for lo, hi in zip(m["max_cos_lo"], m["max_cos_hi"]))
 
 
 def test_detect_full_fine_tuning(models, tmp_path, capsys):
@@ -164,6 +177,22 @@ def test_mitigate_writes_a_loadable_adapter(models, tmp_path):
     # the inputs are untouched
     again = peft.PeftModel.from_pretrained(tiny_bert(), models / "adapter")
     assert torch.equal(again.get_submodule(layer).get_delta_weight("default"), old)
+
+
+def test_mitigate_uniform_control(models, tmp_path, capsys):
+    """--control uniform: every layer's update scaled by one factor in [0, 1]."""
+    out = tmp_path / "control"
+    res = cli(capsys, "mitigate", models / "base", models / "adapter", "--out", out,
+              "--control", "uniform", "--cache-dir", tmp_path / "cache", "-q")
+    assert res.returncode == 0, res.stderr
+    model = peft.PeftModel.from_pretrained(tiny_bert(), out)
+    original = peft.PeftModel.from_pretrained(tiny_bert(), models / "adapter")
+    layer = "base_model.model.encoder.layer.0.attention.self.query"
+    new = model.get_submodule(layer).get_delta_weight("default")
+    old = original.get_submodule(layer).get_delta_weight("default")
+    factor = (new * old).sum() / (old * old).sum()
+    assert 0 < factor < 1
+    torch.testing.assert_close(new, factor * old, rtol=1e-4, atol=1e-6)
 
 
 def test_mitigate_merge_writes_a_model(models, tmp_path, capsys):
@@ -259,8 +288,12 @@ def test_demo_smoke(tmp_path):
     assert [r["label"] for r in results["runs"]] == ["LoRA r=1", "rsLoRA r=1", "full FT"]
     for r in results["runs"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["drift"] >= -1e-6
+        assert r["similarity_forgetting"] >= -1e-6
         assert r["detection"]["n_layers"] == 12
+        # 24 training sentences, batch 16: checked before training and after the last step
+        assert r["steps"] == 2 and [s for s, _ in r["intruders_vs_steps"]] == [0, 2]
     assert "mitigated" in results["runs"][0] and "mitigated" not in results["runs"][2]
+    assert "intruders_vs_steps" in results["plots"]
     report = (out / "report.md").read_text()
     for name in results["plots"].values():
         assert (out / name).read_bytes()[:8] == PNG_MAGIC

@@ -71,7 +71,9 @@ def test_report_serialization_and_table(llama_lora):
     assert d["totals"] == report.totals and d["top_k"] == 5 and d["epsilon"] == 0.5
     m = d["modules"][0]
     assert set(m) == {"name", "kind", "shape", "rank", "scale", "sigma", "max_cos", "argmax",
-                      "intruders", "certificate"}
+                      "intruders", "null_max_cos", "null_max_cos_p99", "alignment",
+                      "max_cos_lo", "max_cos_hi", "basis_sensitive", "mitigation",
+                      "certificate"}
     assert len(m["sigma"]) == 5 and set(m["certificate"]) >= {"residual", "converged", "method"}
     text = str(report)
     assert "model.layers.0.mlp.down_proj" in text and "intruders in" in text

@@ -201,6 +201,7 @@ def test_half_precision_base(dtype):
     ({"top_k": 0}, r"top_k must be an int >= 1 or a float in \(0, 1\) \(got 0\)"),
     ({"top_k": 2.5}, r"top_k .*got 2.5"),
     ({"rank": "full"}, r"rank must be one of \('peft', 'exact'\) \(got 'full'\)"),
+    ({"control": "random"}, r"control must be one of \(None, 'uniform'\) \(got 'random'\)"),
     ({"old_adapter_name": "nope"}, r"old_adapter_name='nope' is not an adapter of this model"),
     ({"new_adapter_name": "default"}, r"new_adapter_name='default' already exists"),
     ({"new_adapter_name": ""}, r"new_adapter_name must be a non-empty string \(got ''\)"),
@@ -210,6 +211,57 @@ def test_bad_arguments_change_nothing(llama_lora, kwargs, match):
     with pytest.raises(ValueError, match=match):
         reduce_intruder_dimension(llama_lora, logging_sink=None, **kwargs)
     assert_unchanged(llama_lora, snap)
+
+
+@pytest.mark.parametrize("rank", ["peft", "exact"])
+def test_uniform_control_changes_each_weight_by_the_targeted_norm(rank):
+    """The control scales each layer's whole update by one factor; per layer, the weight change
+    it makes (PEFT's own delta weights, float64) has the Frobenius norm of the targeted
+    mitigation's under the same rank policy, and it is a multiple of the old update."""
+    targeted, control = lora_llama(std=0.05), lora_llama(std=0.05)
+    t_report = reduce_intruder_dimension(targeted, rank=rank, logging_sink=None)
+    c_report = reduce_intruder_dimension(control, rank=rank, control="uniform", logging_sink=None)
+    assert t_report.totals["intruders"] > 0
+    changed = 0
+    for name, layer in lora_layers(control, "default").items():
+        old = map_delta(layer, "default")
+        t_change = (map_delta(lora_layers(targeted, NEW)[name], NEW) - old).norm().item()
+        c_delta = map_delta(layer, NEW)
+        c_change = (c_delta - old).norm().item()
+        assert c_change == pytest.approx(t_change, rel=1e-4, abs=1e-6), name
+        factor = c_report[name].mitigation["uniform_factor"]
+        torch.testing.assert_close(c_delta, factor * old, rtol=1e-5, atol=1e-7)
+        assert layer.r[NEW] == layer.r["default"]  # rank r: nothing truncated, no pattern
+        assert c_report[name].mitigation["change_norm"] == pytest.approx(c_change, rel=1e-4,
+                                                                         abs=1e-6)
+        assert t_report[name].mitigation["change_norm"] == pytest.approx(t_change, rel=1e-4,
+                                                                         abs=1e-6)
+        if t_report[name].intruders:
+            assert 0 < factor < 1
+            changed += 1
+        else:
+            assert factor == 1.0 and c_change == 0.0
+    assert changed == t_report.totals["modules_with_intruders"] > 0
+    assert c_report[name].mitigation["control"] == "uniform"
+    assert t_report[name].mitigation["control"] == "intruders"
+
+
+def test_uniform_control_removes_an_update_smaller_than_the_targeted_change():
+    """Vectors whose singular values are mostly base-weight energy (epsilon >= 1 flags every
+    top-k vector, as in PEFT): scaling them by lambda changes W by more than the whole, small
+    LoRA update's norm, which the control cannot match; it removes the update and says so."""
+    model = lora_llama(std=0.05, targets=["q_proj"])
+    layer = next(iter(lora_layers(model, "default").values()))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(1e-3)
+    log = []
+    report = reduce_intruder_dimension(model, control="uniform", threshold_epsilon=2.0,
+                                       logging_sink=log.append)
+    rec = report.modules[0]
+    assert rec.intruders and rec.mitigation["uniform_factor"] == 0.0
+    assert rec.mitigation["change_norm"] < rec.mitigation["targeted_change_norm"]
+    assert any("the uniform control removes the update" in line for line in log)
+    assert map_delta(layer, NEW).abs().max().item() == 0.0
 
 
 def test_merge_bad_arguments(llama_lora):

@@ -52,11 +52,14 @@ def test_every_plot_writes_a_png(tmp_path):
         plots.plot_counts_per_layer(["l0.q", "l0.v", "l1.q"], [2, 0, 1], "per layer",
                                     tmp_path / "b.png"),
         plots.plot_count_vs_epsilon({"r=1": [0, 1, 3], "full": [0, 0, 1]}, [0.2, 0.5, 0.8],
-                                    "eps", tmp_path / "c.png"),
+                                    "eps", tmp_path / "c.png", null=(0.16, 0.21)),
         plots.plot_spectrum(S0, S, [1], "spec", tmp_path / "d.png"),
         plots.plot_bars(["a", "b"], [3, 0], "n", "bars", tmp_path / "e.png"),
         plots.plot_grouped_bars(["a", "b"], {"tuned": [0.9, 0.8], "mitigated": [0.85, None]},
                                 "acc", "grouped", tmp_path / "f.png"),
+        plots.plot_series({"LoRA": ([1, 2, 4], [0, 0, 0]), "rsLoRA": ([1, 4], [1, 3])}, "rank",
+                          "intruders", "series", tmp_path / "g.png", logx=True,
+                          hlines={"full": 0}, counts=True),
     ]
     for f in files:
         assert_png(f)

@@ -1,0 +1,294 @@
+"""`intruder-ext demo --sweep`: the paper's claims, tested on the demo's model and task.
+
+Runs LoRA with alpha = 2r and rsLoRA (alpha = 2r, scale alpha/sqrt(r)) at every rank of
+``ranks``, and full fine-tuning. Comparing intruders across them is only fair at a common task
+accuracy, so each run's learning rate is chosen from a grid: the *smallest* rate whose run
+reaches ``target_accuracy`` on a validation split (held out from training and from the test
+split) within ``epochs`` epochs, training stopping at the end of the first epoch that reaches
+it. The least aggressive rate that does the task is chosen, so that no run moves its weights
+further than the task needs. The search walks the grid (ascending, factors of 2) from one step
+below the previous rank's choice (a higher rank needs no larger rate; at first from the value
+nearest :data:`LORA_START` / :data:`FULL_START`): down while the rate below still reaches the
+target, else up to the first that does. That is about two trials per run, one of them a full
+``epochs`` long. A run that reaches the target at no rate of the grid keeps its best one and is
+marked. Every trial's validation accuracy, intruders and drift at its end are kept: how they
+move with the rate alone.
+
+For each chosen run: intruders during training (:class:`~intruder_ext.monitor.IntruderMonitor`)
+and at the end, test accuracy, and forgetting of out-of-task text (drift and similarity
+forgetting, see :mod:`intruder_ext.demo`); for LoRA also after the targeted mitigation and
+after its control, the uniform shrinking of the whole update by the same Frobenius norm
+(:func:`~intruder_ext.reduce_intruder_dimension`, ``control="uniform"``). Writes
+``results.json``, plots and ``report.md``; the numbers are reported as they come out.
+
+Size: at most about ``(1 + 2 len(ranks)) * 2 trials * epochs * 0.6 max_examples / batch_size``
+training steps, 2250 at the defaults (full fine-tuning's steps cost twice LoRA's; runs that
+reach the target stop early). On this project's 2-core CPU a LoRA step takes 0.16 s with two
+threads on an idle machine and 0.27 s with one; scaled from a pilot of 7 of the 15 runs (808 s
+at 480 examples, at most 6 epochs and 3 trials per run), the defaults take about 13 minutes on
+one thread. On a busy machine pass
+``--threads 1``: two threads that wait for each other's time slices slowed the small linear
+algebra of detection here by up to 100x. ``ranks``, ``epochs``, ``max_examples`` and the rate
+grids are the knobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from . import plots
+from .demo import (Prepared, accuracy, analyse_run, check_inputs, drift, monitor_history,
+                   new_backbone, prepare, say, train)
+from .demo_data import LABELS, OUT_OF_TASK
+
+LORA_START = 2e-3  # the default demo's LoRA rate: where the search starts at the lowest rank
+FULL_START = 1e-5
+
+
+@dataclass
+class SweepConfig:
+    out: str = "intruder_ext_sweep"
+    ranks: tuple = (1, 2, 4, 8, 16, 32, 64)
+    epochs: int = 5  # at most: a run stops at the first epoch that reaches the target
+    max_examples: int = 400  # 60% train, 20% validation, 20% test
+    target_accuracy: float = 0.9  # on the validation split
+    # LoRA and rsLoRA (rsLoRA's scale at r = 64 is 8 times LoRA's: it needs rates that low)
+    lora_lrs: tuple = tuple(4e-3 / 2 ** i for i in range(8, -1, -1))  # 1.6e-5 ... 4e-3
+    full_lrs: tuple = (5e-6, 1e-5, 2e-5, 4e-5, 8e-5)
+    batch_size: int = 16
+    targets: tuple = ("query", "value")
+    top_k: int = 10
+    epsilon: float = 0.5
+    mitigation_lambda: float = 0.75
+    seed: int = 0
+    model_path: str | None = None
+    threads: int = 0
+    cache_dir: str | None = None
+    monitor_every: int = 5
+    quiet: bool = False
+
+
+def _nearest(grid, value) -> int:
+    return min(range(len(grid)), key=lambda i: abs(grid[i] - value))
+
+
+def choose_rate(run_at, grid, start: int):
+    """The index of the smallest rate of ``grid`` (ascending) whose run reaches the target,
+    searched from ``start`` as the module doc says, and every trial made (index -> trial).
+    ``run_at(lr)`` trains and returns a dict with ``reached`` and ``validation_accuracy``."""
+    tried = {}
+
+    def run(i):
+        if i not in tried:
+            tried[i] = run_at(grid[i])
+        return tried[i]
+
+    i = start
+    if run(i)["reached"]:
+        while i > 0 and run(i - 1)["reached"]:
+            i -= 1
+        return i, tried
+    for j in range(i + 1, len(grid)):
+        if run(j)["reached"]:
+            return j, tried
+    return max(tried, key=lambda j: tried[j]["validation_accuracy"]), tried
+
+
+def _trial(prep: Prepared, cfg: SweepConfig, label: str, rank, rslora: bool, lr: float) -> dict:
+    """Train one run at rate ``lr``, stopping at the first epoch that reaches the target."""
+    from .monitor import IntruderMonitor
+
+    backbone = new_backbone(prep.base, rank, rslora, cfg.targets, cfg.seed)
+    head = prep.new_head()
+    monitor = IntruderMonitor(cfg.monitor_every, cfg.top_k, cfg.epsilon, cache_dir=cfg.cache_dir,
+                              base_model=prep.base if rank is None else None,
+                              modules=list(cfg.targets) if rank is None else None)
+    validation = []
+
+    def stop(epoch):
+        validation.append(accuracy(prep.enc, backbone, head, *prep.validation))
+        return validation[-1] >= cfg.target_accuracy
+
+    t0 = time.perf_counter()
+    trained = train(prep.enc, backbone, head, prep.train, epochs=cfg.epochs,
+                    batch_size=cfg.batch_size, lr=lr, seed=cfg.seed, monitor=monitor, stop=stop,
+                    desc=f"{label} lr={lr:g}", quiet=cfg.quiet)
+    # Every trial's own end state too: how intruders and drift move with the rate alone.
+    return {"lr": lr, "reached": validation[-1] >= cfg.target_accuracy,
+            "validation_accuracy": validation[-1], "epochs": len(validation), **trained,
+            "intruders": monitor.history[-1]["intruders/total"],
+            "drift": drift(prep.base_ood, prep.enc.embed(backbone, prep.ood)),
+            "train_seconds": round(time.perf_counter() - t0, 2),
+            "monitor_seconds": round(monitor.seconds, 3),
+            "intruders_vs_steps": monitor_history(monitor),
+            "model": (backbone, head)}
+
+
+def run_sweep(cfg: SweepConfig) -> dict:
+    """Train every configuration at its chosen rate, measure, write results, plots and report."""
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    check_inputs(cfg.out, cfg.model_path)
+    prep = prepare(cfg.model_path, cfg.max_examples, cfg.seed, cfg.threads, validation=True)
+    say(cfg.quiet, f"task: {len(LABELS)} classes, {len(prep.train[1])} train / "
+                   f"{len(prep.validation[1])} validation / {len(prep.test[1])} test sentences; "
+                   f"target validation accuracy {cfg.target_accuracy}")
+    results = {"config": {k: (list(v) if isinstance(v, tuple) else v)
+                          for k, v in vars(cfg).items() if k != "quiet"},
+               "model_path": prep.path, "n_train": len(prep.train[1]),
+               "n_validation": len(prep.validation[1]), "n_test": len(prep.test[1]),
+               "linear_probe_accuracy": prep.probe_accuracy, "runs": []}
+    lora_lrs, full_lrs = sorted(cfg.lora_lrs), sorted(cfg.full_lrs)
+    specs = [("LoRA", r, False) for r in cfg.ranks] + [("rsLoRA", r, True) for r in cfg.ranks]
+    specs.append(("full FT", None, False))
+    start = {False: _nearest(lora_lrs, LORA_START), True: _nearest(lora_lrs, LORA_START),
+             None: _nearest(full_lrs, FULL_START)}
+    for family, rank, rslora in tqdm(specs, desc="sweep", unit="run", disable=cfg.quiet):
+        label = family if rank is None else f"{family} r={rank}"
+        grid = full_lrs if rank is None else lora_lrs
+        key = None if rank is None else rslora
+        chosen, tried = choose_rate(lambda lr: _trial(prep, cfg, label, rank, rslora, lr), grid,
+                                    start[key])
+        start[key] = max(chosen - 1, 0)
+        best = tried[chosen]
+        backbone, head = best.pop("model")
+        run = {"label": label, "family": family, "rank": rank, "rslora": rslora,
+               "alpha": None if rank is None else 2 * rank,
+               "scale": None if rank is None else (2 * rank ** 0.5 if rslora else 2.0),
+               **{k: v for k, v in best.items() if k not in ("intruders", "drift")},
+               "trials": [{k: v for k, v in t.items()
+                           if k not in ("model", "intruders_vs_steps")}
+                          for _, t in sorted(tried.items())],
+               **prep.measure(backbone, head),
+               **analyse_run(prep, backbone, head, rank, targets=cfg.targets, top_k=cfg.top_k,
+                             epsilon=cfg.epsilon, mitigation_lambda=cfg.mitigation_lambda,
+                             cache_dir=cfg.cache_dir, control=True, quiet=True)}
+        for t in tried.values():
+            t.pop("model", None)  # free the other trials' models
+        results["runs"].append(run)
+        say(cfg.quiet, _line(run))
+
+    os.makedirs(cfg.out, exist_ok=True)
+    results["plots"] = _plots(cfg, results)
+    results["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    _write_report(cfg, results)
+    say(cfg.quiet, f"report: {os.path.join(cfg.out, 'report.md')}  "
+                   f"({results['total_seconds']:.0f}s in all)")
+    return results
+
+
+def _line(run) -> str:
+    m, c = run.get("mitigated"), run.get("control")
+    text = (f"{run['label']:>14}: lr {run['lr']:g}{'' if run['reached'] else ' (target missed)'}"
+            f", acc {run['accuracy']:.3f}, intruders {run['detection']['total_intruders']}, "
+            f"drift {run['drift']:.4f}, sim {run['similarity_forgetting']:.4f}")
+    if m:
+        text += (f" | mitigated: drift {m['drift']:.4f}, acc {m['accuracy']:.3f}"
+                 f" | control: drift {c['drift']:.4f}, acc {c['accuracy']:.3f}")
+    return text
+
+
+def _plots(cfg: SweepConfig, results: dict) -> dict:
+    out, runs = cfg.out, results["runs"]
+    full = next(r for r in runs if r["rank"] is None)
+    families = [(f, [r for r in runs if r["family"] == f]) for f in ("LoRA", "rsLoRA")]
+    ranks = list(cfg.ranks)
+    files = {"intruders_vs_rank": plots.plot_series(
+        {f"{f} (alpha = 2r)": (ranks, [r["detection"]["total_intruders"] for r in rs])
+         for f, rs in families}, "rank r", "intruders (all layers)",
+        f"Intruders against rank at validation accuracy >= {cfg.target_accuracy} "
+        f"(top-{cfg.top_k}, epsilon={cfg.epsilon})", os.path.join(out, "intruders_vs_rank.png"),
+        logx=True, hlines={"full fine-tuning": full["detection"]["total_intruders"]},
+        counts=True)}
+    for f, rs in families:
+        tag = f.lower()
+        files[f"intruders_vs_steps_{tag}"] = plots.plot_series(
+            {**{f"r={r['rank']}": tuple(zip(*r["intruders_vs_steps"])) for r in rs},
+             "full FT": tuple(zip(*full["intruders_vs_steps"]))},
+            "training step", "intruders (all layers)", f"{f}: intruders during training",
+            os.path.join(out, f"intruders_vs_steps_{tag}.png"), counts=True)
+        for measure, ylabel in (("drift", "drift: 1 - mean cos(base, tuned)"),
+                                ("similarity_forgetting", "1 - corr(pair similarities)"),
+                                ("accuracy", "test accuracy")):
+            files[f"{measure}_{tag}"] = plots.plot_series(
+                {"tuned": (ranks, [r[measure] for r in rs]),
+                 f"mitigated (lambda={cfg.mitigation_lambda})":
+                     (ranks, [r["mitigated"][measure] for r in rs]),
+                 "uniform control (same norm)": (ranks, [r["control"][measure] for r in rs])},
+                "rank r", ylabel, f"{f}: {measure.replace('_', ' ')} against rank",
+                os.path.join(out, f"{measure}_{tag}.png"), logx=True,
+                hlines={"full fine-tuning": full[measure]})
+    return {k: os.path.basename(v) for k, v in files.items()}
+
+
+def _write_report(cfg: SweepConfig, results: dict) -> None:
+    runs = results["runs"]
+    rows = []
+    for r in runs:
+        m, c = r.get("mitigated"), r.get("control")
+        rows.append([
+            r["label"], "-" if r["scale"] is None else f"{r['scale']:.3g}",
+            f"{r['lr']:g}" + ("" if r["reached"] else " (missed)"),
+            ", ".join(f"{t['lr']:g}: {t['validation_accuracy']:.2f} / {t['intruders']}"
+                      for t in r["trials"]),
+            r["steps"], f"{r['accuracy']:.3f}", r["detection"]["total_intruders"],
+            f"{r['detection']['min_max_cos']:.3f}",
+            f"{r['detection']['layers_with_intruders']}/{r['detection']['n_layers']}",
+            f"{r['drift']:.4f}", f"{r['similarity_forgetting']:.4f}",
+            m["detection"]["total_intruders"] if m else "-",
+            f"{m['accuracy']:.3f} / {c['accuracy']:.3f}" if m else "-",
+            f"{m['drift']:.4f} / {c['drift']:.4f}" if m else "-",
+            f"{m['similarity_forgetting']:.4f} / {c['similarity_forgetting']:.4f}" if m else "-",
+            f"{m['change_norm']:.3g} / {c['change_norm']:.3g}" if m else "-"])
+    table = plots.markdown_table(
+        ["run", "scale", "lr", "tried (lr: val acc / intruders)", "steps", "test acc",
+         "intruders", "min max abs cos", "layers with", "drift", "sim. forgetting", "intruders mitigated",
+         "acc mitigated / control", "drift mitigated / control",
+         "sim. forgetting mitigated / control", "change norm mitigated / control"], rows)
+    c = results["config"]
+    setup = (
+        f"Model: pretrained all-MiniLM-L6-v2 (`{results['model_path']}`), mean pooling + linear "
+        f"head. Task: {len(LABELS)}-way topic x sentiment classification, "
+        f"{results['n_train']} train / {results['n_validation']} validation / "
+        f"{results['n_test']} test sentences, seed {c['seed']}; batch {c['batch_size']}, AdamW "
+        f"(head lr 1e-2).\n\n"
+        f"Runs: LoRA (alpha = 2r, scale 2) and rsLoRA (alpha = 2r, scale 2 sqrt(r)) on "
+        f"{', '.join(c['targets'])} at ranks {', '.join(map(str, c['ranks']))}, and full "
+        f"fine-tuning (intruders counted on the same modules).\n\n"
+        f"Learning rate: per run, the smallest of the grid (LoRA and rsLoRA: "
+        f"{', '.join(f'{x:g}' for x in c['lora_lrs'])}; full fine-tuning: "
+        f"{', '.join(f'{x:g}' for x in c['full_lrs'])}) whose run reaches validation accuracy "
+        f"{c['target_accuracy']} within {c['epochs']} epochs; training stops at the first epoch "
+        f"that reaches it. 'tried' lists every rate trained, the validation accuracy it ended "
+        f"with and its intruders then; '(missed)': no rate of the grid reached the target, the "
+        f"best is shown.\n\n"
+        f"Intruders: top-{c['top_k']} left singular vectors, max |cos| with every base singular "
+        f"vector < {c['epsilon']}; counted during training every {c['monitor_every']} steps.\n\n"
+        f"Forgetting, on {len(OUT_OF_TASK)} out-of-task sentences: drift = 1 - mean cosine of "
+        f"base and tuned embeddings; similarity forgetting = 1 - Pearson correlation of the "
+        f"base and tuned cosine similarities of all sentence pairs.\n\n"
+        f"Mitigation: lambda = {c['mitigation_lambda']} on the intruders (PEFT's rank policy); "
+        f"control: the whole update scaled so that each layer's weight changes by the same "
+        f"Frobenius norm ('change norm': over all layers).\n\n"
+        f"Reference: a linear probe on the frozen base model reaches test accuracy "
+        f"{results['linear_probe_accuracy']:.3f}.")
+    captions = {"intruders_vs_rank": "Intruders against rank"}
+    for f in ("LoRA", "rsLoRA"):
+        tag = f.lower()
+        captions.update({
+            f"intruders_vs_steps_{tag}": f"{f}: intruders during training",
+            f"drift_{tag}": f"{f}: drift against rank, tuned, mitigated and control",
+            f"similarity_forgetting_{tag}": f"{f}: similarity forgetting against rank",
+            f"accuracy_{tag}": f"{f}: test accuracy against rank"})
+    plots.write_markdown(
+        os.path.join(cfg.out, "report.md"),
+        "intruder_ext sweep: intruders, rank, learning rate and forgetting in MiniLM",
+        [("Results", table + f"\n\nTotal run time: {results['total_seconds']:.0f} s. "
+          "Raw numbers: `results.json`."), ("Set-up", setup)],
+        [(captions[k], os.path.join(cfg.out, v)) for k, v in results["plots"].items()])
