@@ -118,3 +118,26 @@ def device(func: str, value):
         raise ValueError(f"{func}: device {value!r} asked for, but this machine has "
                          f"{torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def byte_size(func: str, arg: str, value) -> int:
+    """A size in bytes: an integer, or a number with a K, M, G or T suffix (binary units, an
+    optional trailing B or iB), e.g. ``"500M"``, ``"20GiB"``."""
+    text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+    try:
+        number = float(text[:len(text) - len(unit)])
+    except ValueError:
+        number = -1.0
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{func}: {arg} must be a size such as 500M or 20G (got {value!r})")
+    return int(number * _SIZE_UNITS[unit])
+
+
+def non_negative(func: str, arg: str, value) -> float:
+    if not _number(value) or value < 0:
+        raise ValueError(f"{func}: {arg} must be a finite number >= 0 (got {value!r})")
+    return float(value)

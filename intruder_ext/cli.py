@@ -105,7 +105,7 @@ def _write_detect_outputs(args, report, layer_set, outputs) -> None:
         images = plots.report_plots(report, str(plot_dir))
         chosen = sorted(report.modules, key=lambda m: -m.num_intruders)[:args.plot_layers]
         layers = {layer.name: layer for layer in layer_set.layers}
-        spectrum = spectrum_source(_cache_arg(args))
+        spectrum = spectrum_source(_cache_arg(args), layer_set.model)
         for i, record in enumerate(tqdm(chosen, desc="plots", disable=args.quiet)):
             view = layer_view(layers[record.name], spectrum, record.intruders, args.device)
             images += plots.layer_plots(view, str(plot_dir), f"_{i}").values()
@@ -161,11 +161,19 @@ def cmd_cache(args) -> int:
     from .distributed import fill_cache
     from .layers import checkpoint_pair_layers
 
+    managing = args.list or args.verify or args.prune
+    if (args.base is None) == (not managing):
+        raise UserError("cache: give BASE to fill the cache, or one of --list, --verify, "
+                        "--prune (not both)")
+    if not args.prune and (args.max_age is not None or args.max_size is not None):
+        raise UserError("cache: --max-age and --max-size go with --prune")
+    cache = SpectrumCache(args.cache_dir)
+    if managing:
+        return _manage_cache(args, cache)
     base = ModelDirectory(resolve(args.base, "BASE"), "BASE")
     # The same layers, orientation and dtype as a detection reads, so that it hits these entries.
     layers = checkpoint_pair_layers("cache", base, base, _modules(args.modules)).layers
-    cache = SpectrumCache(args.cache_dir)
-    summary = fill_cache(layers, cache, args.device, progress=not args.quiet)
+    summary = fill_cache(layers, cache, args.device, progress=not args.quiet, model=args.base)
     if summary is None:  # another rank than 0 under torchrun: rank 0 reports
         return 0
     ranks = "" if summary.ranks == 1 else (
@@ -174,6 +182,52 @@ def cmd_cache(args) -> int:
     _log(args, f"{summary.weights} base spectra in {summary.seconds:.1f}s{ranks} "
                f"({summary.already_cached} already cached)")
     print(f"cached {summary.weights} base spectra in {cache.directory}")
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _age(seconds: float) -> str:
+    for unit, length in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= length:
+            return f"{seconds / length:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _manage_cache(args, cache) -> int:
+    from .report import text_table
+
+    if args.list:
+        entries = cache.entries()
+        rows = [[e.key[:12], e.model or "?", e.layer or "?",
+                 "x".join(map(str, e.shape)) if e.shape else "?",
+                 e.dtype or "?", _size(e.size), _age(e.age),
+                 "" if e.current else f"old format {e.format}"] for e in entries]
+        if rows:
+            print(text_table(["key", "model", "layer", "shape", "dtype", "size",
+                                    "last used", ""], rows))
+        print(f"{len(entries)} entries, {_size(sum(e.size for e in entries))} in "
+              f"{cache.directory}")
+        return 0
+    if args.verify:
+        entries = cache.entries()
+        bad = cache.verify()
+        for e in bad:
+            print(f"corrupt: {e.path}" + (f" ({e.model}: {e.layer})" if e.layer else ""))
+        print(f"{len(entries) - len(bad)} of {len(entries)} entries verified in {cache.directory}"
+              + (f"; {len(bad)} corrupt (a detection recomputes them; --prune does not remove "
+                 "them, delete the files or let them be rewritten)" if bad else ""))
+        return 1 if bad else 0
+    removed = cache.prune(max_age=None if args.max_age is None else args.max_age * 86400,
+                          max_bytes=args.max_size)
+    left = cache.entries()
+    print(f"removed {len(removed)} entries ({_size(sum(e.size for e in removed))}); "
+          f"{len(left)} left ({_size(sum(e.size for e in left))}) in {cache.directory}")
     return 0
 
 
@@ -333,14 +387,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_mitigate)
 
     p = sub.add_parser("cache", parents=[common, device],
-                       help="fill the base-spectrum cache",
-                       description="Compute and store the spectrum of every weight matrix of "
-                                   "BASE, so later detections against this base skip it.")
-    p.add_argument("base", metavar="BASE", help="base model: directory or Hub id")
+                       help="fill, list, verify or prune the base-spectrum cache",
+                       description="With BASE: compute and store the spectrum of every weight "
+                                   "matrix of BASE, so later detections against this base skip "
+                                   "it (under torchrun, split over the ranks). Without: manage "
+                                   "the cache.")
+    p.add_argument("base", metavar="BASE", nargs="?", help="base model: directory or Hub id")
     p.add_argument("--cache-dir", help="cache directory (default: $INTRUDER_EXT_CACHE_DIR, "
-                                       "else ~/.cache/intruder_ext)")
+                                       "else $XDG_CACHE_HOME/intruder_ext or "
+                                       "~/.cache/intruder_ext)")
     p.add_argument("--modules", help="comma-separated module names or suffixes (default: all "
                                      "weight matrices)")
+    manage = p.add_mutually_exclusive_group()
+    manage.add_argument("--list", action="store_true",
+                        help="list the entries: model and layer where known, shape, size, age")
+    manage.add_argument("--verify", action="store_true",
+                        help="read every entry and check its checksum; exit status 1 if any is "
+                             "corrupt")
+    manage.add_argument("--prune", action="store_true",
+                        help="remove entries of older formats, left-over temporary files, and "
+                             "with --max-age/--max-size the least recently used entries")
+    p.add_argument("--max-age", metavar="DAYS", type=_typed(
+        lambda v: checks.non_negative("--max-age", "--max-age", v), float, "a number of days"),
+        help="with --prune: remove entries not used for DAYS days")
+    p.add_argument("--max-size", metavar="SIZE", type=_typed(
+        lambda v: checks.byte_size("--max-size", "--max-size", v), str, "a size"),
+        help="with --prune: remove the least recently used entries until the cache holds at "
+             "most SIZE (e.g. 20G)")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("demo", parents=[common, detect_opts],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,11 @@ from .layers import (Layer, LayerSet, NonFiniteError, Skipped, checkpoint_layers
 from .report import IntruderReport, ModuleReport
 from .spectral import BaseSpectrum, TopK, base_spectrum, lora_topk, weight_topk
 
-# How many top singular vectors a layer's plots show (heatmap rows, spectrum points).
+# How many top singular vectors a layer's plots show (heatmap rows, spectrum points), and the
+# certificate they need: a plot shows 3 digits, and the top-32 of a 32-wide layer reaches down
+# to singular values the default tolerance (1e-6 of each value's own size) cannot certify.
 VIEW_K = 32
+VIEW_TOL = 1e-4
 
 
 def resolve_top_k(top_k: int | float, shape) -> int:
@@ -36,13 +40,16 @@ def resolve_top_k(top_k: int | float, shape) -> int:
     return min(p, top_k)
 
 
-def spectrum_source(cache_dir):
-    """``W0 -> BaseSpectrum``: through a :class:`SpectrumCache` (``None``: its default; a path;
-    or a cache object to share between calls), or ``False`` to recompute every time."""
+def spectrum_source(cache_dir, model: str | None = None):
+    """``(layer, device) -> BaseSpectrum`` of the layer's base weight: through a
+    :class:`SpectrumCache` (``None``: its default; a path; or a cache object to share between
+    calls), whose new entries are labelled with ``model`` and the layer's name, or ``False`` to
+    recompute every time."""
     if cache_dir is False:
-        return base_spectrum
+        return lambda layer, device=None: base_spectrum(layer.base_weight(device))
     cache = cache_dir if isinstance(cache_dir, SpectrumCache) else SpectrumCache(cache_dir)
-    return cache.get
+    return lambda layer, device=None: cache.get(layer.base_weight(device), model=model,
+                                                layer=layer.name)
 
 
 @dataclass
@@ -59,18 +66,17 @@ class LayerResult:
         return self.record.intruders
 
 
-def _top(layer: Layer, base: BaseSpectrum, k: int) -> TopK:
+def _top(layer: Layer, base: BaseSpectrum, k: int, tol: float | None = None) -> TopK:
     if layer.is_lora:
         B, A = layer.factors(base.device)
-        return lora_topk(base, B, A, layer.scale, k)
-    return weight_topk(layer.tuned_weight(base.device), base, k)
+        return lora_topk(base, B, A, layer.scale, k, tol=tol)
+    return weight_topk(layer.tuned_weight(base.device), base, k, tol=tol)
 
 
 def analyse_layer(layer: Layer, spectrum, top_k, epsilon: float, device=None,
                   basis_rtol: float = BASIS_RTOL) -> LayerResult:
     """Read one layer, compute its top-k against the base spectrum and its intruders."""
-    return analyse_against(layer, spectrum(layer.base_weight(device)), top_k, epsilon,
-                           basis_rtol)
+    return analyse_against(layer, spectrum(layer, device), top_k, epsilon, basis_rtol)
 
 
 def analyse_against(layer: Layer, base: BaseSpectrum, top_k, epsilon: float,
@@ -92,7 +98,8 @@ def analyse_against(layer: Layer, base: BaseSpectrum, top_k, epsilon: float,
         name=layer.name, kind=layer.kind, shape=tuple(layer.shape), rank=layer.rank,
         scale=layer.scale, sigma=top.sigma.detach().cpu(), max_cos=max_cos.cpu(),
         argmax=top.argmax.detach().cpu(), intruders=intruders,
-        residual=top.residual.detach().cpu(), converged=bool(top.converged),
+        residual=top.residual.detach().cpu(), angle_bound=top.angle_bound.detach().cpu(),
+        max_cos_bound=top.max_cos_bound.detach().cpu(), converged=bool(top.converged),
         iterations=int(top.iterations), method=str(top.method),
         null_max_cos=null.median, null_max_cos_p99=null.p99,
         alignment=alignment(max_cos, null.median).cpu(), max_cos_lo=lo.cpu(),
@@ -107,7 +114,7 @@ def detect_layers(layer_set: LayerSet, top_k, epsilon: float, *, cache_dir=None,
     or factor is an error naming the module and tensor, or, with ``skip_nonfinite``, a skipped
     layer with that reason. Warns (:class:`~intruder_ext.calibration.CalibrationWarning`) when
     epsilon does not separate intruders from chance in some layer."""
-    spectrum = spectrum_source(cache_dir)
+    spectrum = spectrum_source(cache_dir, layer_set.model)
     results, skipped = [], list(layer_set.skipped)
     for layer in tqdm(layer_set.layers, desc=desc, unit="module", disable=not progress):
         try:
@@ -212,10 +219,11 @@ def layer_view(layer: Layer, spectrum, intruders: list[int], device=None,
                k: int = VIEW_K) -> LayerView:
     """The plotted quantities of one layer, ``intruders`` marked: the base spectrum (cached) and
     the top-k of ``W`` by the certified iteration, never two dense SVDs."""
-    W0 = layer.base_weight(device)
-    base = spectrum(W0)
+    base = spectrum(layer, device)
     k = min(k, *layer.shape)
-    top = _top(layer, base, k)
+    with warnings.catch_warnings():  # a plot needs no certificate: a dense fallback is fine
+        warnings.filterwarnings("ignore", r".*did not converge", RuntimeWarning)
+        top = _top(layer, base, k, tol=VIEW_TOL)
     sim = (top.U.mT @ base.U[:, :k].to(top.U.dtype)).abs()
     return LayerView(layer.name, base.S[:k].detach().float().cpu(),
                      top.sigma.detach().float().cpu(), sim.detach().float().cpu(),

@@ -56,11 +56,13 @@ class FillSummary:
     per_rank_seconds: list[float]
 
 
-def fill_cache(layers: list[Layer], cache, device=None, progress=True) -> FillSummary | None:
-    """Compute (or find) the base spectrum of every layer in ``cache``. Under torchrun each rank
-    does its share and the summary is returned on rank 0 (None on the others)."""
+def fill_cache(layers: list[Layer], cache, device=None, progress=True,
+               model: str | None = None) -> FillSummary | None:
+    """Compute (or find) the base spectrum of every layer in ``cache`` (new entries labelled with
+    ``model`` and the layer's name). Under torchrun each rank does its share and the summary is
+    returned on rank 0 (None on the others)."""
     if not launched_by_torchrun():
-        return _fill(layers, cache, device, progress, 0, 1)
+        return _fill(layers, cache, device, progress, 0, 1, model)
     import torch.distributed as dist
 
     cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
@@ -73,7 +75,7 @@ def fill_cache(layers: list[Layer], cache, device=None, progress=True) -> FillSu
         rank, world = dist.get_rank(), dist.get_world_size()
         owner = balance([spectrum_cost(layer.shape) for layer in layers], world)
         mine = [layer for layer, r in zip(layers, owner) if r == rank]
-        summary = _fill(mine, cache, device, progress and rank == 0, rank, world)
+        summary = _fill(mine, cache, device, progress and rank == 0, rank, world, model)
         gathered = [None] * world
         dist.all_gather_object(gathered, summary)
         dist.barrier()
@@ -88,12 +90,12 @@ def fill_cache(layers: list[Layer], cache, device=None, progress=True) -> FillSu
         dist.destroy_process_group()
 
 
-def _fill(layers, cache, device, progress, rank, world) -> FillSummary:
+def _fill(layers, cache, device, progress, rank, world, model) -> FillSummary:
     t0 = time.perf_counter()
     hits = cache.stats.hits
     desc = "base spectra" if world == 1 else f"base spectra (rank {rank} of {world})"
     for layer in tqdm(layers, desc=desc, unit="module", disable=not progress):
-        cache.get(layer.base_weight(device))
+        cache.get(layer.base_weight(device), model=model, layer=layer.name)
     seconds = time.perf_counter() - t0
     found = cache.stats.hits - hits
     return FillSummary(len(layers), len(layers) - found, found, seconds, world, [seconds])

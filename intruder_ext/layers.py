@@ -207,6 +207,7 @@ class LayerSet:
     skipped: list[Skipped] = field(default_factory=list)
     adapter_name: str | None = None  # None for full fine-tuning
     inputs: list[tuple[str, object]] = field(default_factory=list)  # (label, directory) read
+    model: str | None = None  # the base model's name or path, to label cache entries
 
 
 # ---------------------------------------------------------------------------------- in memory
@@ -280,7 +281,8 @@ def peft_model_layers(func: str, peft_model, adapter_name=None, modules=None) ->
         layers.append(_peft_layer(func, name, module, adapter))
     if not layers:
         raise ValueError(f"{func}: the model has no LoRA layers for adapter {adapter!r}")
-    return LayerSet(select(func, layers, modules), [], adapter)
+    return LayerSet(select(func, layers, modules), [], adapter,
+                    model=model_name(peft_model.get_base_model()))
 
 
 def _peft_layer(func, name, module, adapter) -> Layer:
@@ -364,7 +366,12 @@ def model_pair_layers(func: str, base_model: nn.Module, tuned_model: nn.Module,
                             read_tuned=lambda other=other: other.weight))
     if not layers:
         raise ValueError(f"{func}: model has no nn.Linear, Conv1D or nn.Embedding layers")
-    return LayerSet(select(func, layers, modules), [], None)
+    return LayerSet(select(func, layers, modules), [], None, model=model_name(base_model))
+
+
+def model_name(model) -> str | None:
+    """What a transformers model was loaded from (its Hub id or path), where it says."""
+    return getattr(getattr(model, "config", None), "name_or_path", None) or None
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -665,6 +672,7 @@ def checkpoint_layers(func: str, base, tuned, modules=None, *, tuned_label: str 
             "adapter_config.json)" + (" nor a model directory (no model weights)"
                                       if tuned_label == "TUNED" else ""))
     layer_set.inputs = inputs
+    layer_set.model = str(base)
     return layer_set, adapter
 
 

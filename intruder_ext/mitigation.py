@@ -7,8 +7,8 @@ For the intruders ``I`` of ``W = W0 + s B A`` with singular triplets ``(sigma_j,
 
     [B, (lambda - 1)/s * Y_I diag(S_I)] @ [A ; Z_I^T].
 
-Its SVD comes from :func:`intruder_ext.spectral.lowrank_svd` on those two thin factors (QR of
-each and a tiny core SVD, same-shaped layers batched). Keeping the top r triplets, split as
+Its SVD comes from :func:`intruder_ext.spectral.lowrank_svds` on those two thin factors (QR of
+each and a tiny core SVD, the cores of all layers in one batched call). Keeping the top r triplets, split as
 ``B' = U sqrt(S)``, ``A' = sqrt(S) Vh``, is PEFT's result (``rank="peft"``); keeping all r + |I|
 (``rank="exact"``, per-module ranks through ``rank_pattern``/``alpha_pattern``) is the exact
 mitigated update. Two entry points: :func:`reduce_intruder_dimension` on a PeftModel in memory
@@ -39,7 +39,7 @@ from .detection import LayerResult, detect_layers
 from .layers import (LayerError, checkpoint_layers, copy_peft_extras, pattern_key,
                      peft_model_layers, write_peft_factors, check_adapter)
 from .report import IntruderReport
-from .spectral import lowrank_svd
+from .spectral import lowrank_svds
 
 
 def _quiet(*args, **kwargs):
@@ -58,13 +58,14 @@ def mitigated_factors(results: list[LayerResult], mitigation_lambda: float, rank
                       log=_quiet, control=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """New ``(B', A')`` (map orientation) for every layer with intruders, keyed by layer name,
     targeted (``control=None``) or the uniform control (``control="uniform"``, see the module
-    doc). Sets every record's ``mitigation`` summary. Layers whose stacked factors have the
-    same shapes, dtype and device share one :func:`lowrank_svd` call.
+    doc). Sets every record's ``mitigation`` summary. The small core SVDs of all layers go
+    through one batched call per core shape (:func:`~intruder_ext.spectral.lowrank_svds`); each
+    layer's factors do not depend on which other layers are mitigated with it.
 
     A rank the layer cannot hold is handled exactly: with ``rank="peft"`` and ``r > min(m, n)``
     the factors are padded with zero columns (the update has rank at most min(m, n), so nothing
     is lost); with ``rank="exact"``, ``r + |I|`` is clamped to ``min(m, n)``. Both are logged."""
-    groups: dict[tuple, list] = {}
+    members = []
     originals = {}
     for res in results:
         if not res.intruders:
@@ -91,21 +92,18 @@ def mitigated_factors(results: list[LayerResult], mitigation_lambda: float, rank
             if keep < full:
                 log(f"{layer.name}: exact rank r + {len(res.intruders)} = {full} clamped to "
                     f"min(m, n) = {keep} (the update has no higher rank)")
-        groups.setdefault((tuple(Bf.shape), tuple(Af.shape), Bf.dtype, Bf.device), []).append(
-            (layer.name, Bf, Af, keep))
+        members.append((layer.name, Bf, Af, keep))
     out = {}
-    for members in groups.values():
-        U, S, Vh = lowrank_svd(torch.stack([m[1] for m in members]),
-                               torch.stack([m[2] for m in members]))
+    svds = lowrank_svds([(Bf, Af) for _, Bf, Af, _ in members])
+    for (name, _, _, keep), (U, S, Vh) in zip(members, svds):
         root = S.clamp_min(0).sqrt()
-        for i, (name, _, _, keep) in enumerate(members):
-            have = min(keep, U.shape[-1])
-            B = U[i, :, :have] * root[i, :have]
-            A = root[i, :have, None] * Vh[i, :have]
-            if keep > have:  # zero columns: the same product at the rank the adapter expects
-                B = torch.cat([B, B.new_zeros(B.shape[0], keep - have)], dim=1)
-                A = torch.cat([A, A.new_zeros(keep - have, A.shape[1])], dim=0)
-            out[name] = (B, A)
+        have = min(keep, U.shape[-1])
+        B = U[:, :have] * root[:have]
+        A = root[:have, None] * Vh[:have]
+        if keep > have:  # zero columns: the same product at the rank the adapter expects
+            B = torch.cat([B, B.new_zeros(B.shape[0], keep - have)], dim=1)
+            A = torch.cat([A, A.new_zeros(keep - have, A.shape[1])], dim=0)
+        out[name] = (B, A)
     for res in results:
         layer = res.layer
         if layer.name not in out:

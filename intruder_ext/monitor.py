@@ -112,6 +112,6 @@ class IntruderMonitor:
         entry = self._bases.get(layer.name)
         if entry is not None and entry[0]() is weight:
             return entry[1]
-        base = self._spectrum(layer.base_weight(self.device))
+        base = self._spectrum(layer, self.device)
         self._bases[layer.name] = (weakref.ref(weight), base)
         return base

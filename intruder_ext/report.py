@@ -13,6 +13,15 @@ from .calibration import BASIS_RTOL, below_null
 from .layers import module_type
 
 
+def text_table(head, rows) -> str:
+    """Columns aligned with two spaces, under a rule: how tables print on a terminal."""
+    rows = [[str(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    return "\n".join(line.rstrip() for line in [*lines, *(fmt.format(*r) for r in rows)])
+
+
 @dataclass
 class ModuleReport:
     """Intruder analysis of one layer, in the map orientation (``shape = (m, n)``, outputs first).
@@ -20,8 +29,11 @@ class ModuleReport:
     ``sigma``, ``max_cos``, ``argmax`` and ``residual`` are per top-k singular vector of the tuned
     weight, largest first: ``max_cos[j] = max_i |cos(y_j, x_i)|`` over all left singular vectors
     ``x_i`` of the base weight, attained at ``i = argmax[j]``. ``intruders`` indexes into the
-    top-k. ``residual``, ``converged``, ``iterations`` and ``method`` are the spectral engine's
-    certificate for the top-k. ``rank`` and ``scale`` are ``None`` for full fine-tuning.
+    top-k. ``residual``, ``angle_bound``, ``max_cos_bound``, ``converged``, ``iterations`` and
+    ``method`` are the spectral engine's certificate (:mod:`intruder_ext.spectral`): per vector,
+    its residual relative to its own sigma, a bound on its angle to the exact singular vector,
+    and the bound on its ``max_cos`` error that follows. ``rank`` and ``scale`` are ``None`` for
+    full fine-tuning.
 
     Calibration (:mod:`intruder_ext.calibration`): ``null_max_cos`` and ``null_max_cos_p99`` are
     the median and 99th percentile of ``max_cos`` for a uniformly random direction in this
@@ -44,6 +56,8 @@ class ModuleReport:
     argmax: torch.Tensor
     intruders: list[int]
     residual: torch.Tensor
+    angle_bound: torch.Tensor
+    max_cos_bound: torch.Tensor
     converged: bool
     iterations: int
     method: str
@@ -68,8 +82,11 @@ class ModuleReport:
             "alignment": self.alignment.tolist(), "max_cos_lo": self.max_cos_lo.tolist(),
             "max_cos_hi": self.max_cos_hi.tolist(), "basis_sensitive": list(self.basis_sensitive),
             "mitigation": None if self.mitigation is None else dict(self.mitigation),
-            "certificate": {"residual": self.residual.tolist(), "converged": self.converged,
-                            "iterations": self.iterations, "method": self.method},
+            "certificate": {"residual": self.residual.tolist(),
+                            "angle_bound": self.angle_bound.tolist(),
+                            "max_cos_bound": self.max_cos_bound.tolist(),
+                            "converged": self.converged, "iterations": self.iterations,
+                            "method": self.method},
         }
 
 
@@ -138,7 +155,7 @@ class IntruderReport:
 
     def __str__(self) -> str:
         head = ("module", "shape", "rank", "intruders", "min max_cos", "null med/p99",
-                "min align", "basis-dep", "top sigma", "cert")
+                "min align", "basis-dep", "top sigma", "cert (max_cos ±)")
         rows = []
         for m in self.modules:
             rows.append((
@@ -149,13 +166,10 @@ class IntruderReport:
                 f"{m.alignment.min().item():.3f}" if len(m.alignment) else "-",
                 str(len(m.basis_sensitive)),
                 f"{m.sigma[0].item():.4g}" if len(m.sigma) else "-",
-                ("ok " if m.converged else "NO ") + m.method,
+                ("ok " if m.converged else "NO ") + m.method + (
+                    f" ±{m.max_cos_bound.max().item():.0e}" if len(m.max_cos_bound) else ""),
             ))
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-                  for i, h in enumerate(head)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*r) for r in rows]
+        lines = [text_table(head, rows)]
         t = self.totals
         src = f"adapter {self.adapter_name!r}" if self.adapter_name else "full fine-tuning"
         lines.append(f"{src}: {t['intruders']} intruders in {t['modules_with_intruders']} of "

@@ -88,7 +88,7 @@ from torch import Tensor
 from . import ops
 
 __all__ = ["BaseSpectrum", "LowRankSVD", "TopK", "base_spectrum", "dense_topk", "lora_topk",
-           "lowrank_svd", "weight_topk"]
+           "lowrank_svd", "lowrank_svds", "weight_topk"]
 
 _WORK_DTYPES = (torch.float32, torch.float64)
 _F64 = torch.float64
@@ -342,6 +342,34 @@ def _gram_spectrum(W: Tensor) -> tuple[Tensor, Tensor]:
 def _factor_dtype(*tensors: Tensor) -> torch.dtype:
     """Working dtype of LoRA factors: float64 if any is, else float32 (half types upcast)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def lowrank_svds(pairs: list[tuple[Tensor, Tensor]]) -> list[LowRankSVD]:
+    """Thin SVDs of many products ``B @ A`` (each B (m, r), A (r, n), shapes free): QR of each
+    factor, then SVDs of the small cores. On CUDA the cores of one shape go through one batched
+    call (cuSOLVER ``gesvdjBatched``, which treats every matrix on its own); on CPU, where
+    LAPACK loops over the matrices anyway, one call each, because a matrix inside a stack sits
+    at another memory alignment and LAPACK/BLAS round differently with alignment. So each result
+    is exactly what :func:`lowrank_svd` gives for its pair alone, whatever the other pairs."""
+    factored = []
+    for B, A in pairs:
+        dtype = _factor_dtype(B, A)
+        Qb, Rb = torch.linalg.qr(B.to(dtype))
+        Qa, Ra = torch.linalg.qr(A.to(dtype).mT)
+        factored.append((Qb, Qa, Rb @ Ra.mT))
+    cores: list[tuple | None] = [None] * len(pairs)
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, _, core) in enumerate(factored):
+        if core.device.type == "cuda":
+            groups.setdefault((tuple(core.shape), core.dtype, core.device), []).append(i)
+        else:
+            cores[i] = ops.batched_svd(core)
+    for members in groups.values():
+        Uc, S, Vhc = ops.batched_svd(torch.stack([factored[i][2] for i in members]))
+        for j, i in enumerate(members):
+            cores[i] = (Uc[j], S[j], Vhc[j])
+    return [LowRankSVD(Qb @ Uc, S, Vhc @ Qa.mT)
+            for (Qb, Qa, _), (Uc, S, Vhc) in zip(factored, cores)]
 
 
 def lowrank_svd(B: Tensor, A: Tensor, scale: float = 1.0) -> LowRankSVD:

@@ -12,7 +12,7 @@ from intruder_ext.calibration import (CalibrationWarning, alignment, basis_group
                                       max_cos_interval, null_max_cos)
 from intruder_ext.detection import analyse_layer
 from intruder_ext.layers import Layer
-from intruder_ext.spectral import base_spectrum
+from intruder_ext.detection import spectrum_source
 
 
 def order_statistic_bounds(values, q, z=4.5):
@@ -122,7 +122,7 @@ def test_interval_on_a_planted_degenerate_cluster():
     z = V0[:, 20]
     layer = Layer("l", "linear", (m, n), rank=1, scale=1.0, read_base=lambda: W0.float(),
                   read_factors=lambda: (300.0 * y[:, None].float(), z[None, :].float()))
-    rec = analyse_layer(layer, base_spectrum, 3, 0.5).record
+    rec = analyse_layer(layer, spectrum_source(False), 3, 0.5).record
     lo, hi = rec.max_cos_lo[0].item(), rec.max_cos_hi[0].item()
 
     W = W0 + 300.0 * torch.outer(y, z)
@@ -151,7 +151,7 @@ def test_interval_on_a_planted_degenerate_cluster():
     assert max_cos_in(spread) == pytest.approx(lo, abs=2e-4)
 
     for eps in (0.3, lo - 1e-3, lo + 1e-3, 0.5, hi - 1e-3, hi + 1e-3, 0.9):
-        flagged = 0 in analyse_layer(layer, base_spectrum, 3, eps).record.basis_sensitive
+        flagged = 0 in analyse_layer(layer, spectrum_source(False), 3, eps).record.basis_sensitive
         assert flagged == (lo < eps <= hi), eps
         # ... and the status indeed differs between the two extreme bases when flagged
         assert flagged == ((max_cos_in(spread) < eps) != (max_cos_in(along) < eps)), eps

@@ -176,3 +176,35 @@ def test_unreachable_hub_is_one_line(ckpt, tmp_path):
     res = run_cli("detect", "acme/tiny-llama", ckpt / "llama_adapter", env=env)
     assert_user_error(res, "BASE 'acme/tiny-llama' is not a local directory",
                       "the Hub cannot be reached")
+
+
+def test_cache_management(ckpt, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert cli(capsys, "cache", ckpt / "llama", "--cache-dir", cache, "-q").returncode == 0
+    res = cli(capsys, "cache", "--list", "--cache-dir", cache)
+    assert res.returncode == 0, res.stderr
+    assert "model.layers.1.mlp.up_proj" in res.stdout and "96x64" in res.stdout
+    assert f"16 entries" in res.stdout and str(ckpt / "llama") in res.stdout  # model labels
+    res = cli(capsys, "cache", "--verify", "--cache-dir", cache)
+    assert res.returncode == 0 and "16 of 16 entries verified" in res.stdout
+    victim = sorted(cache.glob("*.safetensors"))[3]
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the tensor data
+    victim.write_bytes(bytes(data))
+    res = cli(capsys, "cache", "--verify", "--cache-dir", cache)
+    assert res.returncode == 1 and f"corrupt: {victim}" in res.stdout
+    assert "15 of 16 entries verified" in res.stdout
+    res = cli(capsys, "cache", "--prune", "--max-size", "40K", "--cache-dir", cache)
+    assert res.returncode == 0, res.stderr
+    from intruder_ext.cache import SpectrumCache
+    left = SpectrumCache(cache).entries()
+    assert sum(e.size for e in left) <= 40 * 1024 and len(left) >= 1
+    assert "left" in res.stdout and "removed" in res.stdout
+    res = cli(capsys, "cache", "--prune", "--max-age", "0", "--cache-dir", cache)
+    assert res.returncode == 0 and SpectrumCache(cache).entries() == []
+    assert_user_error(cli(capsys, "cache", "--list", "--max-age", "1"),
+                      "--max-age and --max-size go with --prune")
+    assert_user_error(cli(capsys, "cache"), "give BASE to fill the cache, or one of --list")
+    assert_user_error(cli(capsys, "cache", ckpt / "llama", "--verify"), "(not both)")
+    res = cli(capsys, "cache", "--prune", "--max-size", "lots")
+    assert res.returncode == 2 and "--max-size must be a size such as 500M" in res.stderr

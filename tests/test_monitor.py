@@ -91,10 +91,10 @@ def test_monitor_in_a_hand_loop(monkeypatch):
 
     computed = []
 
-    def counting(cache_dir):
-        def spectrum(W0):
-            computed.append(W0.shape)
-            return base_spectrum(W0)
+    def counting(cache_dir, model=None):
+        def spectrum(layer, device=None):
+            computed.append(layer.shape)
+            return base_spectrum(layer.base_weight(device))
         return spectrum
 
     monkeypatch.setattr(monitor_module, "spectrum_source", counting)

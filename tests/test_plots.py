@@ -22,7 +22,7 @@ def test_layer_view_shows_an_intruder_from_the_fast_path():
     vector; the others are W0's own top vectors (the identity)."""
     from intruder_ext.detection import layer_view
     from intruder_ext.layers import Layer
-    from intruder_ext.spectral import base_spectrum
+    from intruder_ext.detection import spectrum_source
 
     g = torch.Generator().manual_seed(1)
     U0, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
@@ -32,7 +32,7 @@ def test_layer_view_shows_an_intruder_from_the_fast_path():
     z = (V0[:, 14] + V0[:, 15]) / 2 ** 0.5
     layer = Layer("l", "linear", (16, 16), rank=1, scale=1.0, read_base=lambda: W0,
                   read_factors=lambda: (100 * y[:, None], z[None, :]))
-    view = layer_view(layer, base_spectrum, [0], k=8)
+    view = layer_view(layer, spectrum_source(False), [0], k=8)
     assert view.similarity.shape == (8, 8) and view.intruders == [0]
     assert view.similarity[0].max() < 1e-4
     torch.testing.assert_close(view.similarity[1:, :7], torch.eye(8)[:7, :7], atol=1e-4, rtol=0)

@@ -446,3 +446,18 @@ def test_non_finite_inputs_are_errors():
         weight_topk(broken, base, 3)
     with pytest.raises(ValueError, match=r"dense_topk: W has non-finite entries"):
         dense_topk(broken, base, 3)
+
+
+def test_lowrank_svds_each_result_independent_of_the_others():
+    """Many products at once equal each product alone, bit for bit (mitigation writes the same
+    factors for a layer whichever layers are mitigated with it)."""
+    from intruder_ext.spectral import lowrank_svds
+    gen = torch.Generator().manual_seed(4)
+    pairs = [(torch.randn(32, r, generator=gen), torch.randn(r, n, generator=gen))
+             for r, n in [(7, 32), (7, 40), (6, 32), (7, 32), (7, 64)]]
+    together = lowrank_svds(pairs)
+    for pair, got in zip(pairs, together):
+        alone = lowrank_svds([pair])[0]
+        single = lowrank_svd(*pair)
+        for a, b, c in zip(got, alone, single):
+            assert torch.equal(a, b) and torch.equal(a, c)
