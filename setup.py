@@ -68,9 +68,13 @@ def want_cuda(torch_cuda_version, cuda_home):
 
 
 def nvidia_wheel_lib_dirs():
-    """Library dirs of the nvidia-* wheels that a CUDA torch build depends on."""
+    """Library dirs of the nvidia-* wheels that a CUDA torch build depends on: installed beside
+    torch, which need not be this interpreter's site-packages (a venv over the system's, --user)."""
+    import torch
+
     dirs = []
-    for root in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+    beside_torch = os.path.dirname(os.path.dirname(torch.__file__))
+    for root in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], beside_torch}:
         dirs += glob.glob(os.path.join(root, "nvidia", "*", "lib"))
     return sorted(set(dirs))
 
