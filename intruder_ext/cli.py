@@ -504,6 +504,8 @@ def user_error_message(error: Exception) -> str | None:
     elif isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename else ""
         text = f"{where}{describe_os_error(error)}"
+    elif isinstance(error, ImportError) and str(error).startswith("intruder_ext: the compiled"):
+        text = str(error)  # ops.py's message: the package was imported without its built library
     elif isinstance(error, ValueError) and str(error).startswith(("detect:", "mitigate:",
                                                                   "cache:")):
         text = str(error)  # the library's own argument checks (e.g. --modules matching nothing)

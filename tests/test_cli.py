@@ -215,6 +215,21 @@ def test_cache_fills_the_cache(models, tmp_path, capsys):
     assert any((tmp_path / "cache").rglob("*"))
 
 
+def test_sources_without_the_built_library_are_one_line(models, tmp_path):
+    """Run from a source tree that was never built (a clone, before `pip install`): the command
+    says how to build, it does not report an internal error."""
+    import shutil
+    sources = tmp_path / "src"
+    shutil.copytree(os.path.dirname(intruder_ext.__file__), sources / "intruder_ext",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    res = run_cli("cache", models / "base", "--cache-dir", tmp_path / "cache", "-q",
+                  cwd=sources, env={"PYTHONPATH": ""})
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "internal error" not in res.stderr
+    assert "compiled library intruder_ext._C could not be loaded" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
 def test_missing_path(models, tmp_path, capsys):
     assert_user_error(cli(capsys, "detect", tmp_path / "nope", models / "adapter"),
                       "BASE", "does not exist")

@@ -72,7 +72,8 @@ def test_two_ranks_fill_the_same_cache_as_one_process(base, tmp_path, capsys):
     assert res.stdout.count("cached 16 base spectra") == 1  # rank 0 reports, once
     single = subprocess.run([sys.executable, "-m", "intruder_ext", "cache", str(base),
                              "--cache-dir", str(tmp_path / "one"), "-q"], capture_output=True,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+                            cwd=tmp_path)  # not the source tree, which holds no built _C
     assert single.returncode == 0, single.stderr
     two, one = entries(tmp_path / "two"), entries(tmp_path / "one")
     assert len(one) == 16 and two.keys() == one.keys()
