@@ -6,9 +6,13 @@ The checkpoints are written by this benchmark, tensor by tensor, as a real Llama
 LoRA on all seven linear module types saved as PEFT saves it (float32, no task type). Every
 command runs in its own process; its peak RSS is the kernel's (ru_maxrss) for that process, so
 everything counts: torch, the tensors read, the spectra, the writers. "empty" runs start with an
-empty base-spectrum cache, "warm" ones with the cache filled by a previous run on the same base.
+empty base-spectrum cache; "warm" ones with the cache that `intruder-ext cache` filled on the
+largest model (measured too: its time per layer is the empty-cache cost of a layer). Layer n of
+every model holds the same weights (one generator, one order), and the cache is content-addressed,
+so that one fill serves every layer count. `detect` with an empty cache runs on the layer counts
+in BENCH_EMPTY_LAYERS (default 1: each of its layers costs seven base spectra, minutes at 7B).
 
-Run (tens of minutes with an empty cache at full size; BENCH_SCALE=small for a smoke run):
+Run (about half an hour at full size on 2 cores; BENCH_SCALE=small for a smoke run):
     pytest benchmarks/bench_checkpoint_scale.py -p no:cacheprovider -s \
         --benchmark-json=/tmp/bench_scale.json
     python benchmarks/summarize_scale.py /tmp/bench_scale.json
@@ -18,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,10 +32,13 @@ from intruder_ext.checkpoints import SafetensorsWriter, save_safetensors, write_
 SCALES = {
     "7b": dict(hidden=4096, intermediate=11008, heads=32, vocab=32000, shard=2 << 30),
     "small": dict(hidden=256, intermediate=688, heads=8, vocab=1000, shard=4 << 20),
+    # the 2048-wide Llama of the other benchmarks (bench_distributed_fill.py)
+    "2048": dict(hidden=2048, intermediate=5632, heads=16, vocab=128, shard=64 << 20),
 }
 SCALE = os.environ.get("BENCH_SCALE", "7b")
 SHAPE = SCALES[SCALE]
 LAYER_COUNTS = [1, 2, 4]
+EMPTY_LAYER_COUNTS = [int(n) for n in os.environ.get("BENCH_EMPTY_LAYERS", "1").split(",")]
 RANK = 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -64,9 +70,9 @@ def layer_shapes(h, i):
             "mlp.down_proj": (h, i)}
 
 
-def write_base(directory: Path, layers: int, seed: int = 0):
-    """A LlamaForCausalLM checkpoint, random bf16 weights (std 0.02), shards of SHAPE["shard"]."""
-    h, i, v = SHAPE["hidden"], SHAPE["intermediate"], SHAPE["vocab"]
+def write_base(directory: Path, layers: int, seed: int = 0, shape: dict = SHAPE):
+    """A LlamaForCausalLM checkpoint, random bf16 weights (std 0.02), shards of shape["shard"]."""
+    h, i, v = shape["hidden"], shape["intermediate"], shape["vocab"]
     directory.mkdir(parents=True)
     plan = [("model.embed_tokens.weight", (v, h))]
     for n in range(layers):
@@ -78,7 +84,7 @@ def write_base(directory: Path, layers: int, seed: int = 0):
     shards, current, size = [], [], 0
     for key, shape in plan:
         nbytes = torch.Size(shape).numel() * 2
-        if current and size + nbytes > SHAPE["shard"]:
+        if current and size + nbytes > shape["shard"]:
             shards.append(current)
             current, size = [], 0
         current.append((key, shape))
@@ -98,8 +104,8 @@ def write_base(directory: Path, layers: int, seed: int = 0):
     write_json(directory / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
     write_json(directory / "config.json", {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
-        "intermediate_size": i, "num_hidden_layers": layers, "num_attention_heads": SHAPE["heads"],
-        "num_key_value_heads": SHAPE["heads"], "vocab_size": v, "max_position_embeddings": 4096,
+        "intermediate_size": i, "num_hidden_layers": layers, "num_attention_heads": shape["heads"],
+        "num_key_value_heads": shape["heads"], "vocab_size": v, "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "tie_word_embeddings": False})
 
 
@@ -155,25 +161,38 @@ def measure(benchmark, layers, label, kind, *argv):
     return result
 
 
-@pytest.mark.parametrize("layers", LAYER_COUNTS)
+@pytest.mark.parametrize("layers", EMPTY_LAYER_COUNTS)
 def test_detect_empty_cache(benchmark, checkpoints, layers, tmp_path):
     d = checkpoints[layers]
     measure(benchmark, layers, "detect, empty cache", "cli", "detect", d / "base", d / "adapter",
-            "--cache-dir", d / f"cache-{time.time_ns()}", "-q", "--json", tmp_path / "r.json")
+            "--cache-dir", tmp_path / "cache", "-q", "--json", tmp_path / "r.json")
 
 
-def warm_cache(d):
-    cache = d / "cache-warm"
-    if not cache.exists():
-        run_child("cli", "detect", d / "base", d / "adapter", "--cache-dir", cache, "-q")
-    return cache
+WARM = {}  # the cache filled by test_cache_fill, shared by the warm runs
+
+
+def test_cache_fill(benchmark, checkpoints, tmp_path_factory):
+    layers = max(LAYER_COUNTS)
+    cache = tmp_path_factory.mktemp("warm") / "cache"
+    measure(benchmark, layers, "cache (fill, empty cache)", "cli", "cache",
+            checkpoints[layers] / "base", "--modules", ",".join(TARGETS), "--cache-dir", cache, "-q")
+    WARM["cache"] = cache
+
+
+def warm_cache(checkpoints):
+    if "cache" not in WARM:  # test_cache_fill deselected: fill it unmeasured
+        largest = checkpoints[max(LAYER_COUNTS)]
+        WARM["cache"] = largest / "cache-warm"
+        run_child("cli", "cache", largest / "base", "--modules", ",".join(TARGETS),
+                  "--cache-dir", WARM["cache"], "-q")
+    return WARM["cache"]
 
 
 @pytest.mark.parametrize("layers", LAYER_COUNTS)
 def test_detect_warm_cache(benchmark, checkpoints, layers, tmp_path):
     d = checkpoints[layers]
     measure(benchmark, layers, "detect, warm cache", "cli", "detect", d / "base", d / "adapter",
-            "--cache-dir", warm_cache(d), "-q", "--json", tmp_path / "r.json")
+            "--cache-dir", warm_cache(checkpoints), "-q", "--json", tmp_path / "r.json")
     data = json.loads((tmp_path / "r.json").read_text())
     assert len(data["modules"]) == 7 * layers and data["totals"]["intruders"] > 0
     benchmark.extra_info["intruders"] = data["totals"]["intruders"]
@@ -183,14 +202,15 @@ def test_detect_warm_cache(benchmark, checkpoints, layers, tmp_path):
 def test_mitigate_warm_cache(benchmark, checkpoints, layers, tmp_path):
     d = checkpoints[layers]
     measure(benchmark, layers, "mitigate, warm cache", "cli", "mitigate", d / "base",
-            d / "adapter", "--out", tmp_path / "out", "--cache-dir", warm_cache(d), "-q")
+            d / "adapter", "--out", tmp_path / "out", "--cache-dir", warm_cache(checkpoints), "-q")
 
 
 @pytest.mark.parametrize("layers", LAYER_COUNTS)
 def test_merge_warm_cache(benchmark, checkpoints, layers, tmp_path):
     d = checkpoints[layers]
     measure(benchmark, layers, "mitigate --merge, warm cache", "cli", "mitigate", d / "base",
-            d / "adapter", "--out", tmp_path / "out", "--merge", "--cache-dir", warm_cache(d), "-q")
+            d / "adapter", "--out", tmp_path / "out", "--merge", "--cache-dir",
+            warm_cache(checkpoints), "-q")
 
 
 def test_peft_reduce_one_layer(benchmark, checkpoints, tmp_path):
@@ -200,7 +220,8 @@ def test_peft_reduce_one_layer(benchmark, checkpoints, tmp_path):
     measure(benchmark, 1, "PEFT reduce_intruder_dimension", "peft", d / "base", d / "adapter",
             tmp_path / "peft.json")
     theirs = sorted(json.loads((tmp_path / "peft.json").read_text()))
-    run_child("cli", "detect", d / "base", d / "adapter", "--cache-dir", warm_cache(d), "-q",
+    run_child("cli", "detect", d / "base", d / "adapter", "--cache-dir",
+              warm_cache(checkpoints), "-q",
               "--json", tmp_path / "ours.json")
     ours = sorted(f"base_model.model.{m['name']}: Intruders: {len(m['intruders'])}"
                   for m in json.loads((tmp_path / "ours.json").read_text())["modules"]

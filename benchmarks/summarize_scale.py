@@ -26,14 +26,13 @@ def main(path):
         # marginal cost of a layer from the largest and smallest runs (start-up cancels out)
         lo, hi = by_layers[counts[0]], by_layers[counts[-1]]
         per_layer = ((hi["seconds"] - lo["seconds"]) / (counts[-1] - counts[0])
-                     if len(counts) > 1 else lo["seconds"])
+                     if len(counts) > 1 else lo["seconds"] / counts[0])
         for n in counts:
             r = by_layers[n]
             ratio = f"{r['peak_rss_mib'] / one['peak_rss_mib']:.2f}x" if one else ""
             last = n == counts[-1]
             per = f"{per_layer:.1f}" if last else ""
-            extra = f"{lo['seconds'] + per_layer * (32 - counts[0]):.0f} s" \
-                if last and len(counts) > 1 else ""
+            extra = f"{lo['seconds'] + per_layer * (32 - counts[0]):.0f} s" if last else ""
             print(f"| {case} | {n} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | {ratio} | "
                   f"{per} | {extra} |")
 
