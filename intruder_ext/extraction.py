@@ -315,7 +315,7 @@ def _other_differences(base: ModelDirectory, tuned: ModelDirectory, matrices: se
             if not key.endswith(".weight") or len(tuned.store.info(key)[1]) != 2:
                 skipped.append(Skipped(key, "only in TUNED (no base tensor to compare with)"))
             continue  # a 2-D weight only in TUNED: checkpoint_pair_layers reports it
-        (b_dtype, b_shape), (t_dtype, t_shape) = base.store.info(key), tuned.store.info(key)
+        (b_dtype, b_shape), t_shape = base.store.info(key), tuned.store.info(key)[1]
         if tuple(b_shape) != tuple(t_shape):
             raise CheckpointError(f"TUNED does not match BASE: {key} is {tuple(t_shape)} in "
                                   f"TUNED but {tuple(b_shape)} in BASE")
