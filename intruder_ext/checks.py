@@ -141,3 +141,38 @@ def non_negative(func: str, arg: str, value) -> float:
     if not _number(value) or value < 0:
         raise ValueError(f"{func}: {arg} must be a finite number >= 0 (got {value!r})")
     return float(value)
+
+
+EXTRACTION_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def extraction_rank_policy(func: str, value) -> tuple[str, float | None]:
+    """``"fixed"`` (every layer at the given rank) or ``"energy:F"`` with F in (0, 1]: each
+    layer's smallest rank keeping a fraction F of its update's energy (squared Frobenius norm).
+    Returns ``("fixed", None)`` or ``("energy", F)``."""
+    if value == "fixed":
+        return "fixed", None
+    head, _, number = str(value).partition(":") if isinstance(value, str) else ("", "", "")
+    try:
+        fraction = float(number)
+    except ValueError:
+        fraction = math.nan
+    if head != "energy" or not 0 < fraction <= 1:
+        raise ValueError(f"{func}: rank_policy must be 'fixed' or 'energy:F' with F in (0, 1], "
+                         f"e.g. 'energy:0.9' (got {value!r})")
+    return "energy", fraction
+
+
+def extraction_dtype(func: str, value):
+    """The adapter's dtype: ``None``/``"auto"`` (each weight's dtype in the tuned checkpoint) or
+    one of ``float32``, ``bfloat16``, ``float16`` (a name or the torch dtype)."""
+    import torch
+
+    if value is None or value == "auto":
+        return None
+    named = {name: getattr(torch, name) for name in EXTRACTION_DTYPES[1:]}
+    if isinstance(value, str) and value in named:
+        return named[value]
+    if value in named.values():
+        return value
+    raise ValueError(f"{func}: dtype must be one of {EXTRACTION_DTYPES} (got {value!r})")

@@ -1,4 +1,4 @@
-"""Command line: `intruder-ext detect | mitigate | cache | demo` (also `python -m intruder_ext`).
+"""Command line: `intruder-ext detect | mitigate | extract | cache | demo` (also `python -m intruder_ext`).
 
 Front end only: it parses, checks outputs before any work, dispatches to the library and prints.
 Models are read from checkpoints tensor by tensor (:mod:`intruder_ext.layers`); no transformers
@@ -154,6 +154,35 @@ def cmd_mitigate(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- extract
+def cmd_extract(args) -> int:
+    from .checkpoints import check_new_output
+    from .extraction import _inputs, extract_lora, write_report_json
+
+    json_path = None
+    if args.json:  # checked before any work, like detect's (never an input, never overwritten)
+        base, tuned = _inputs(args.base, args.tuned)
+        json_path = check_new_output(args.json, "--json",
+                                     [("BASE", base.directory), ("TUNED", tuned.directory)])
+    t0 = time.perf_counter()
+    report = extract_lora(args.base, args.tuned, args.rank, args.out,
+                          rank_policy=args.rank_policy, dtype=args.dtype, device=args.device,
+                          on_failure=args.on_failure, progress=not args.quiet)
+    _log(args, f"extracted in {time.perf_counter() - t0:.2f}s")
+    print(report)
+    print(f"wrote adapter to {args.out}")
+    if json_path is not None:
+        write_report_json(report, json_path)
+        _log(args, f"json: {args.json}")
+    if args.detect:
+        from .detection import find_intruders
+        intruders = find_intruders(args.base, args.out, top_k=args.top_k, epsilon=args.epsilon,
+                                   cache_dir=_cache_arg(args), device=args.device,
+                                   progress=not args.quiet)
+        print(intruders)
+    return 0
+
+
 # ---------------------------------------------------------------------------------- cache
 def cmd_cache(args) -> int:
     from .cache import SpectrumCache
@@ -298,6 +327,13 @@ def _rates(text: str) -> list:
     return rates
 
 
+def _rank_policy(text: str) -> str:
+    """The policy as given (extract_lora parses it again), once checked."""
+    from . import checks
+    checks.extraction_rank_policy("--rank-policy", text)
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import checks
 
@@ -385,6 +421,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the merged model (BASE's shards, dtype and tokenizer) instead of "
                         "an adapter")
     p.set_defaults(func=cmd_mitigate)
+
+    p = sub.add_parser("extract", parents=[common, detect_opts, cache_opts, device],
+                       help="extract a LoRA adapter from a full fine-tune",
+                       description="Write to --out a PEFT LoRA adapter holding, for every weight "
+                                   "matrix that differs between BASE and TUNED, the best rank-R "
+                                   "approximation of the difference (certified iteration, no "
+                                   "dense SVD). Never writes over its inputs or an existing "
+                                   "path.")
+    p.add_argument("base", metavar="BASE", help="base model: directory or Hub id")
+    p.add_argument("tuned", metavar="TUNED", help="fully fine-tuned model: directory or Hub id")
+    p.add_argument("--rank", required=True, type=_typed(
+        lambda v: checks.positive_int("--rank", "--rank", v), int, "a positive integer"),
+        help="rank of every layer (with --rank-policy energy:F, the largest)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new adapter directory")
+    p.add_argument("--rank-policy", default="fixed", type=_typed(_rank_policy, str, "a policy"),
+        help="fixed: every layer at --rank (default); energy:F (e.g. energy:0.9): each layer's "
+             "smallest rank keeping a fraction F of its update's squared Frobenius norm, at "
+             "most --rank (per-module ranks in rank_pattern)")
+    p.add_argument("--dtype", choices=checks.EXTRACTION_DTYPES, default="auto",
+                   help="adapter dtype (default auto: each weight's dtype in TUNED)")
+    p.add_argument("--on-failure", choices=["dense", "raise"], default="dense",
+                   help="a layer whose certificate does not converge: dense (a dense SVD of "
+                        "that layer, with a warning; default) or raise (an error)")
+    p.add_argument("--json", metavar="FILE", help="write the per-layer records as JSON (a new "
+                                                  "file)")
+    p.add_argument("--detect", action="store_true",
+                   help="then find intruder dimensions of the extracted adapter against BASE "
+                        "(--top-k, --epsilon) and print their table")
+    p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("cache", parents=[common, device],
                        help="fill, list, verify or prune the base-spectrum cache",
@@ -507,7 +572,7 @@ def user_error_message(error: Exception) -> str | None:
     elif isinstance(error, ImportError) and str(error).startswith("intruder_ext: the compiled"):
         text = str(error)  # ops.py's message: the package was imported without its built library
     elif isinstance(error, ValueError) and str(error).startswith(("detect:", "mitigate:",
-                                                                  "cache:")):
+                                                                  "cache:", "extract_lora:")):
         text = str(error)  # the library's own argument checks (e.g. --modules matching nothing)
     else:
         return None
