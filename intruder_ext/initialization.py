@@ -26,10 +26,12 @@ set to zero, exactly as PEFT's PiSSA sets the pair of a zero singular value
 pair that starts at zero gets no gradient (each factor's gradient is proportional to the other),
 so those directions will not train; a smaller r, or ``"principal"``, avoids them.
 
-dtypes. Everything is computed in float64 from W0 (PEFT uses float32); the factors are stored
-in the adapter's own dtype (a bfloat16 adapter stays bfloat16), and the residual, computed from
-the factors *as stored* (after their rounding) so that ``residual + s B A`` is W0 up to the
-residual's own rounding, is stored in the base weight's dtype.
+dtypes. The factors are computed in float64 from W0 (PEFT uses float32) and stored in the
+adapter's own dtype (a bfloat16 adapter stays bfloat16). The residual is computed as PEFT computes
+it, in float32 (float64 for a float64 base), from the factors *as stored* (after their rounding,
+so that ``residual + s B A`` is W0 up to the residual's own rounding), and stored in the base
+weight's dtype: in float64 it would cost a float64 copy of every weight, to be rounded to the
+base dtype anyway.
 """
 
 from __future__ import annotations
@@ -146,9 +148,9 @@ def init_lora_from_spectrum(peft_model, adapter_name="default", mode="principal"
         write_peft_factors(layer, adapter, B, A, like=adapter)
         # The residual from the factors as stored, so that residual + s B A is W0 even where
         # the adapter's dtype rounded them.
-        B_kept, A_kept = layer.factors(base.device, dtype=_F64)
-        W0 = base.weight.to(_F64)
-        residual = W0 - layer.scale * (B_kept @ A_kept)
+        work = _F64 if base.weight.dtype == _F64 else torch.float32
+        B_kept, A_kept = layer.factors(base.device, dtype=work)
+        residual = torch.addmm(base.weight.to(work), B_kept, A_kept, alpha=-layer.scale)
         with torch.no_grad():
             layer.module.get_base_layer().weight.copy_(to_stored(layer.kind, residual))
         if freeze_A:
@@ -159,7 +161,7 @@ def init_lora_from_spectrum(peft_model, adapter_name="default", mode="principal"
                           f"{mode} singular values are numerically zero (a rank-deficient "
                           "weight); their factor pairs are zero and will get no gradient",
                           RuntimeWarning, stacklevel=2)
-        total = float(W0.norm()) ** 2
+        total = float((base.S.to(_F64) ** 2).sum())  # ||W0||_F^2
         records.append({
             "name": layer.name, "kind": layer.kind, "shape": list(layer.shape),
             "rank": layer.rank, "mode": mode, "scale": layer.scale,
