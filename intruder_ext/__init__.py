@@ -26,7 +26,7 @@ _EXPORTS = {
     "IntruderMonitor": "monitor", "IntruderCallback": "callback",
     "merge_and_unload_with_reduced_intruder_dimensions": "mitigation",
     "mitigate_checkpoint": "mitigation", "reduce_intruder_dimension": "mitigation",
-    "extract_lora": "extraction",
+    "extract_lora": "extraction", "init_lora_from_spectrum": "initialization",
 }
 __all__ = sorted(_EXPORTS)
 

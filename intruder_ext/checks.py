@@ -8,6 +8,7 @@ from numbers import Integral, Real
 
 RANK_POLICIES = ("peft", "exact")
 CONTROLS = (None, "uniform")
+INIT_MODES = ("principal", "minor")
 
 
 def _number(value) -> bool:
@@ -68,6 +69,21 @@ def control(func: str, value):
     """Which mitigation: ``None`` (the intruder-targeted one) or ``"uniform"`` (its control)."""
     if value not in CONTROLS:
         raise ValueError(f"{func}: control must be one of {CONTROLS} (got {value!r})")
+    return value
+
+
+def init_mode(func: str, value) -> str:
+    """Which base singular triplets initialise a LoRA adapter: the top r (PiSSA) or the bottom r
+    (MiLoRA)."""
+    if value not in INIT_MODES:
+        raise ValueError(f"{func}: mode must be one of {INIT_MODES} (got {value!r})")
+    return value
+
+
+def flag(func: str, arg: str, value) -> bool:
+    """A bool, and only a bool: a truthy string or number is more likely a mistake."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{func}: {arg} must be True or False (got {value!r})")
     return value
 
 
