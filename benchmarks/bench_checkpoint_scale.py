@@ -70,9 +70,9 @@ def layer_shapes(h, i):
             "mlp.down_proj": (h, i)}
 
 
-def write_base(directory: Path, layers: int, seed: int = 0, shape: dict = SHAPE):
-    """A LlamaForCausalLM checkpoint, random bf16 weights (std 0.02), shards of shape["shard"]."""
-    h, i, v = shape["hidden"], shape["intermediate"], shape["vocab"]
+def write_base(directory: Path, layers: int, seed: int = 0, scale: dict = SHAPE):
+    """A LlamaForCausalLM checkpoint, random bf16 weights (std 0.02), shards of scale["shard"]."""
+    h, i, v = scale["hidden"], scale["intermediate"], scale["vocab"]
     directory.mkdir(parents=True)
     plan = [("model.embed_tokens.weight", (v, h))]
     for n in range(layers):
@@ -84,7 +84,7 @@ def write_base(directory: Path, layers: int, seed: int = 0, shape: dict = SHAPE)
     shards, current, size = [], [], 0
     for key, shape in plan:
         nbytes = torch.Size(shape).numel() * 2
-        if current and size + nbytes > shape["shard"]:
+        if current and size + nbytes > scale["shard"]:
             shards.append(current)
             current, size = [], 0
         current.append((key, shape))
@@ -104,8 +104,8 @@ def write_base(directory: Path, layers: int, seed: int = 0, shape: dict = SHAPE)
     write_json(directory / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
     write_json(directory / "config.json", {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
-        "intermediate_size": i, "num_hidden_layers": layers, "num_attention_heads": shape["heads"],
-        "num_key_value_heads": shape["heads"], "vocab_size": v, "max_position_embeddings": 4096,
+        "intermediate_size": i, "num_hidden_layers": layers, "num_attention_heads": scale["heads"],
+        "num_key_value_heads": scale["heads"], "vocab_size": v, "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "tie_word_embeddings": False})
 
 

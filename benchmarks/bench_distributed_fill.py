@@ -36,7 +36,7 @@ CACHES = {}
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     directory = tmp_path_factory.mktemp("fill") / "base"
-    write_base(directory, layers=2, shape=SCALES["2048"])
+    write_base(directory, layers=2, scale=SCALES["2048"])
     return directory
 
 
