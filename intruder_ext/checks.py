@@ -9,6 +9,7 @@ from numbers import Integral, Real
 RANK_POLICIES = ("peft", "exact")
 CONTROLS = (None, "uniform")
 INIT_MODES = ("principal", "minor")
+SWEEP_INIT_MODES = ("random",) + INIT_MODES
 
 
 def _number(value) -> bool:
@@ -78,6 +79,28 @@ def init_mode(func: str, value) -> str:
     if value not in INIT_MODES:
         raise ValueError(f"{func}: mode must be one of {INIT_MODES} (got {value!r})")
     return value
+
+
+def init_modes(func: str, arg: str, value) -> tuple:
+    """The initialisations a sweep compares: distinct names of :data:`SWEEP_INIT_MODES`
+    (``"random"``: PEFT's default, the sweep's own LoRA runs)."""
+    names = tuple(value) if isinstance(value, (list, tuple)) else ()
+    if not names or len(set(names)) != len(names) or any(n not in SWEEP_INIT_MODES
+                                                         for n in names):
+        raise ValueError(f"{func}: {arg} must be distinct names among {SWEEP_INIT_MODES} "
+                         f"(got {value!r})")
+    return names
+
+
+def init_ranks(func: str, arg: str, value, ranks) -> tuple:
+    """The ranks of a sweep's spectrum-initialised runs: distinct ranks of ``ranks`` (where the
+    random-initialised runs they are compared with are)."""
+    values = tuple(value) if isinstance(value, (list, tuple)) else ()
+    if not values or len(set(values)) != len(values) or any(
+            isinstance(v, bool) or v not in ranks for v in values):
+        raise ValueError(f"{func}: {arg} must be distinct ranks among the sweep's ranks "
+                         f"{tuple(ranks)} (got {value!r})")
+    return values
 
 
 def flag(func: str, arg: str, value) -> bool:

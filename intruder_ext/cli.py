@@ -262,6 +262,8 @@ def _manage_cache(args, cache) -> int:
 
 # ---------------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
+    from . import checks
+
     common = dict(top_k=args.top_k, epsilon=args.epsilon, seed=args.seed,
                   mitigation_lambda=args.mitigation_lambda, model_path=args.model,
                   threads=args.threads or 0, cache_dir=args.cache_dir,
@@ -276,10 +278,17 @@ def cmd_demo(args) -> int:
                  if v is not None}
         if args.target_accuracy is not None:
             rates["target_accuracy"] = args.target_accuracy
-        run_sweep(SweepConfig(**common, **sizes, **rates))
+        inits = {}
+        if args.init_modes is not None:
+            inits["init_modes"] = args.init_modes
+        if args.init_ranks is not None:
+            inits["init_ranks"] = checks.init_ranks("demo", "--init-ranks", args.init_ranks,
+                                                    sizes.get("ranks", SweepConfig.ranks))
+        run_sweep(SweepConfig(**common, **sizes, **rates, **inits))
         return 0
     for flag, value in (("--lrs", args.lrs), ("--full-lrs", args.full_lrs),
-                        ("--target-accuracy", args.target_accuracy)):
+                        ("--target-accuracy", args.target_accuracy),
+                        ("--init-modes", args.init_modes), ("--init-ranks", args.init_ranks)):
         if value is not None:
             raise UserError(f"demo: {flag} is a --sweep option")
     from .demo import DemoConfig, run_demo
@@ -316,6 +325,13 @@ def _ranks(text: str) -> list:
     if not ranks:
         raise ValueError(text)
     return ranks
+
+
+def _names(text: str) -> tuple:
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise ValueError(text)
+    return names
 
 
 def _rates(text: str) -> list:
@@ -492,8 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test the paper's claims instead: LoRA and rsLoRA at every rank of "
                         "--ranks and full fine-tuning, each at the smallest learning rate of a "
                         "grid that reaches --target-accuracy; intruders against steps and rank, "
-                        "forgetting before and after mitigation and its uniform control "
-                        "(about 13 minutes on one CPU thread at the defaults)")
+                        "forgetting before and after mitigation and its uniform control; LoRA "
+                        "also initialised from the base spectra at --init-ranks (about 17 "
+                        "minutes on one CPU thread at the defaults, estimated)")
     p.add_argument("--out", metavar="DIR",
                    help="output directory (default ./intruder_ext_demo, with --sweep "
                         "./intruder_ext_sweep)")
@@ -516,6 +533,16 @@ def build_parser() -> argparse.ArgumentParser:
                                              "comma-separated positive numbers"),
                    help="--sweep: learning-rate grid of full fine-tuning "
                         "(5e-6,1e-5,2e-5,4e-5,8e-5)")
+    p.add_argument("--init-modes", type=_typed(
+        lambda v: checks.init_modes("--init-modes", "--init-modes", v), _names,
+        "comma-separated names"),
+        help="--sweep: LoRA initialisations compared at --init-ranks: random (the sweep's own "
+             "LoRA runs), principal (PiSSA), minor (MiLoRA), each measured against the original "
+             "base weights (random,principal,minor)")
+    p.add_argument("--init-ranks", type=_typed(lambda v: v, _ranks,
+                                               "comma-separated positive integers"),
+                   help="--sweep: ranks of --ranks where the initialisations are compared "
+                        "(default: 8 and 64, those of --ranks)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy "
                         "machine)")
@@ -572,7 +599,8 @@ def user_error_message(error: Exception) -> str | None:
     elif isinstance(error, ImportError) and str(error).startswith("intruder_ext: the compiled"):
         text = str(error)  # ops.py's message: the package was imported without its built library
     elif isinstance(error, ValueError) and str(error).startswith(("detect:", "mitigate:",
-                                                                  "cache:", "extract_lora:")):
+                                                                  "cache:", "extract_lora:",
+                                                                  "demo:")):
         text = str(error)  # the library's own argument checks (e.g. --modules matching nothing)
     else:
         return None

@@ -21,31 +21,48 @@ after its control, the uniform shrinking of the whole update by the same Frobeni
 (:func:`~intruder_ext.reduce_intruder_dimension`, ``control="uniform"``). Writes
 ``results.json``, plots and ``report.md``; the numbers are reported as they come out.
 
-Size: at most about ``(1 + 2 len(ranks)) * 2 trials * epochs * 0.6 max_examples / batch_size``
-training steps, 2250 at the defaults (full fine-tuning's steps cost twice LoRA's; runs that
-reach the target stop early). On this project's 2-core CPU a LoRA step takes 0.16 s with two
-threads on an idle machine and 0.27 s with one; scaled from a pilot of 7 of the 15 runs (808 s
-at 480 examples, at most 6 epochs and 3 trials per run), the defaults take about 13 minutes on
-one thread. On a busy machine pass
-``--threads 1``: two threads that wait for each other's time slices slowed the small linear
-algebra of detection here by up to 100x. ``ranks``, ``epochs``, ``max_examples`` and the rate
-grids are the knobs.
+Initialisation as one more dimension: at ``init_ranks`` (default: 8 and 64, those of ``ranks``)
+plain LoRA is also initialised from the base weights' spectra
+(:func:`~intruder_ext.init_lora_from_spectrum`, ``init_modes``: principal = PiSSA, minor =
+MiLoRA; random is the LoRA run of that rank), its rate searched the same way from the random
+run's. Such a run's base weights are the residual ``W0 - s B0 A0``: comparing with them would
+measure against a base the user never had. Its intruders (during training too), forgetting,
+mitigation and control are those of its weights ``W = W0 + s (B A - B0 A0)`` against the original
+``W0``, through :class:`OriginalBaseView`.
+
+Size: at most about ``(1 + 2 len(ranks) + n_init) * 2 trials * epochs * 0.6 max_examples /
+batch_size`` training steps (``n_init`` spectrum-initialised runs), 2850 at the defaults (full
+fine-tuning's steps cost twice LoRA's; runs that reach the target stop early). On this
+project's 2-core CPU a LoRA step takes 0.16 s with two threads on an idle machine and 0.27 s with
+one; scaled from a pilot of 7 of the 15 runs without initialisations (808 s at 480 examples, at
+most 6 epochs and 3 trials per run), those 15 take about 13 minutes on one thread at the
+defaults, and the 4 spectrum-initialised runs about 4 more (estimated from that average, not
+measured). On a busy machine pass ``--threads 1``: two threads that wait for each other's time
+slices slowed the small linear algebra of detection here by up to 100x. ``ranks``, ``epochs``,
+``max_examples``, the rate grids, ``init_modes`` and ``init_ranks`` are the knobs.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
 from dataclasses import dataclass
 
-from . import plots
+import torch
+
+from . import checks, plots
 from .demo import (Prepared, accuracy, analyse_run, check_inputs, drift, monitor_history,
                    new_backbone, prepare, say, train)
 from .demo_data import LABELS, OUT_OF_TASK
+from .initialization import init_lora_from_spectrum
+from .layers import peft_model_layers, write_peft_factors
+from .monitor import IntruderMonitor
 
 LORA_START = 2e-3  # the default demo's LoRA rate: where the search starts at the lowest rank
 FULL_START = 1e-5
+INIT_RANKS = (8, 64)  # the spectrum-initialised runs by default: these of ``ranks``
 
 
 @dataclass
@@ -68,7 +85,60 @@ class SweepConfig:
     threads: int = 0
     cache_dir: str | None = None
     monitor_every: int = 5
+    # Initialisations compared at ``init_ranks`` (plain LoRA): "random" is the runs above.
+    init_modes: tuple = ("random", "principal", "minor")
+    init_ranks: tuple | None = None  # None: those of INIT_RANKS in ranks
     quiet: bool = False
+
+
+def init_runs(cfg: SweepConfig) -> list:
+    """``(rank, mode)`` of every spectrum-initialised run, checked."""
+    func = "run_sweep"
+    modes = checks.init_modes(func, "init_modes", cfg.init_modes)
+    ranks = tuple(r for r in INIT_RANKS if r in cfg.ranks) if cfg.init_ranks is None \
+        else checks.init_ranks(func, "init_ranks", cfg.init_ranks, cfg.ranks)
+    return [(r, m) for r in ranks for m in modes if m != "random"]
+
+
+class OriginalBaseView:
+    """A spectrum-initialised LoRA model (its base weights the residual ``W0 - s B0 A0``) seen
+    against the original base ``W0``: a PeftModel on a copy of the original base whose adapter,
+    of rank 2r and the same scale, holds ``[B, -B0]`` and ``[A; A0]``. Its weights
+    ``W0 + s (B A - B0 A0)`` are those the trained model computes with, so that detection,
+    forgetting, the mitigation and its control all act on the update ``W - W0`` from the base
+    the user started from (PEFT's rank policy then keeps 2r triplets, the view's rank)."""
+
+    def __init__(self, base, backbone, rank: int, targets):
+        from peft import LoraConfig, get_peft_model
+
+        self.initial = {layer.name: tuple(t.clone() for t in layer.factors())
+                        for layer in peft_model_layers("run_sweep", backbone, "default").layers}
+        # alpha = 2 (2r): the trained adapter's scale 2 (alpha = 2r at rank r)
+        self.model = get_peft_model(copy.deepcopy(base), LoraConfig(
+            r=2 * rank, lora_alpha=4 * rank, target_modules=list(targets), lora_dropout=0.0))
+        self.layers = {layer.name: layer
+                       for layer in peft_model_layers("run_sweep", self.model, "default").layers}
+
+    def sync(self, backbone):
+        """The view with ``backbone``'s current factors."""
+        for layer in peft_model_layers("run_sweep", backbone, "default").layers:
+            B, A = layer.factors()
+            B0, A0 = self.initial[layer.name]
+            write_peft_factors(self.layers[layer.name], "default", torch.cat([B, -B0], dim=1),
+                               torch.cat([A, A0]), like="default")
+        return self.model
+
+
+class OriginalBaseMonitor(IntruderMonitor):
+    """An :class:`IntruderMonitor` checking a spectrum-initialised run through its
+    :class:`OriginalBaseView`."""
+
+    def __init__(self, view: OriginalBaseView, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.view = view
+
+    def check(self, model, step=None):
+        return super().check(self.view.sync(model), step)
 
 
 def _nearest(grid, value) -> int:
@@ -97,15 +167,27 @@ def choose_rate(run_at, grid, start: int):
     return max(tried, key=lambda j: tried[j]["validation_accuracy"]), tried
 
 
-def _trial(prep: Prepared, cfg: SweepConfig, label: str, rank, rslora: bool, lr: float) -> dict:
-    """Train one run at rate ``lr``, stopping at the first epoch that reaches the target."""
-    from .monitor import IntruderMonitor
-
+def _trial(prep: Prepared, cfg: SweepConfig, label: str, rank, rslora: bool, lr: float,
+           init: str = "random") -> dict:
+    """Train one run at rate ``lr``, stopping at the first epoch that reaches the target. A
+    spectrum-initialised run's model is its :class:`OriginalBaseView`, and its ``init_energy``
+    the mean over layers of the share of ``||W0||_F^2`` its initial adapter took."""
     backbone = new_backbone(prep.base, rank, rslora, cfg.targets, cfg.seed)
+    view, initialised = None, {}
+    if init != "random":
+        energy = [r["energy"] for r in init_lora_from_spectrum(backbone, mode=init,
+                                                                cache_dir=cfg.cache_dir)]
+        initialised["init_energy"] = sum(energy) / len(energy)
+        view = OriginalBaseView(prep.base, backbone, rank, cfg.targets)
     head = prep.new_head()
-    monitor = IntruderMonitor(cfg.monitor_every, cfg.top_k, cfg.epsilon, cache_dir=cfg.cache_dir,
-                              base_model=prep.base if rank is None else None,
-                              modules=list(cfg.targets) if rank is None else None)
+    if view is None:
+        monitor = IntruderMonitor(cfg.monitor_every, cfg.top_k, cfg.epsilon,
+                                  cache_dir=cfg.cache_dir,
+                                  base_model=prep.base if rank is None else None,
+                                  modules=list(cfg.targets) if rank is None else None)
+    else:
+        monitor = OriginalBaseMonitor(view, cfg.monitor_every, cfg.top_k, cfg.epsilon,
+                                      cache_dir=cfg.cache_dir)
     validation = []
 
     def stop(epoch):
@@ -116,15 +198,17 @@ def _trial(prep: Prepared, cfg: SweepConfig, label: str, rank, rslora: bool, lr:
     trained = train(prep.enc, backbone, head, prep.train, epochs=cfg.epochs,
                     batch_size=cfg.batch_size, lr=lr, seed=cfg.seed, monitor=monitor, stop=stop,
                     desc=f"{label} lr={lr:g}", quiet=cfg.quiet)
+    model = backbone if view is None else view.sync(backbone)
     # Every trial's own end state too: how intruders and drift move with the rate alone.
     return {"lr": lr, "reached": validation[-1] >= cfg.target_accuracy,
             "validation_accuracy": validation[-1], "epochs": len(validation), **trained,
+            **initialised,
             "intruders": monitor.history[-1]["intruders/total"],
-            "drift": drift(prep.base_ood, prep.enc.embed(backbone, prep.ood)),
+            "drift": drift(prep.base_ood, prep.enc.embed(model, prep.ood)),
             "train_seconds": round(time.perf_counter() - t0, 2),
             "monitor_seconds": round(monitor.seconds, 3),
             "intruders_vs_steps": monitor_history(monitor),
-            "model": (backbone, head)}
+            "model": (model, head)}
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
@@ -133,6 +217,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
     t_start = time.perf_counter()
     check_inputs(cfg.out, cfg.model_path)
+    inits = init_runs(cfg)
     prep = prepare(cfg.model_path, cfg.max_examples, cfg.seed, cfg.threads, validation=True)
     say(cfg.quiet, f"task: {len(LABELS)} classes, {len(prep.train[1])} train / "
                    f"{len(prep.validation[1])} validation / {len(prep.test[1])} test sentences; "
@@ -141,22 +226,34 @@ def run_sweep(cfg: SweepConfig) -> dict:
                           for k, v in vars(cfg).items() if k != "quiet"},
                "model_path": prep.path, "n_train": len(prep.train[1]),
                "n_validation": len(prep.validation[1]), "n_test": len(prep.test[1]),
-               "linear_probe_accuracy": prep.probe_accuracy, "runs": []}
+               "linear_probe_accuracy": prep.probe_accuracy,
+               "init_ranks": sorted({r for r, _ in inits}), "runs": []}
     lora_lrs, full_lrs = sorted(cfg.lora_lrs), sorted(cfg.full_lrs)
-    specs = [("LoRA", r, False) for r in cfg.ranks] + [("rsLoRA", r, True) for r in cfg.ranks]
-    specs.append(("full FT", None, False))
+    specs = [("LoRA", r, False, "random") for r in cfg.ranks] + \
+        [("rsLoRA", r, True, "random") for r in cfg.ranks]
+    specs.append(("full FT", None, False, None))
+    specs += [("LoRA", r, False, mode) for r, mode in inits]
     start = {False: _nearest(lora_lrs, LORA_START), True: _nearest(lora_lrs, LORA_START),
              None: _nearest(full_lrs, FULL_START)}
-    for family, rank, rslora in tqdm(specs, desc="sweep", unit="run", disable=cfg.quiet):
+    lora_chosen = {}  # rank -> the random-initialised LoRA run's rate index
+    for family, rank, rslora, init in tqdm(specs, desc="sweep", unit="run", disable=cfg.quiet):
         label = family if rank is None else f"{family} r={rank}"
         grid = full_lrs if rank is None else lora_lrs
         key = None if rank is None else rslora
-        chosen, tried = choose_rate(lambda lr: _trial(prep, cfg, label, rank, rslora, lr), grid,
-                                    start[key])
-        start[key] = max(chosen - 1, 0)
+        random = init in (None, "random")
+        if not random:
+            label += f" {init}"
+        # A spectrum-initialised run from the rate of the same rank's random-initialised one.
+        chosen, tried = choose_rate(lambda lr: _trial(prep, cfg, label, rank, rslora, lr,
+                                                      init or "random"), grid,
+                                    start[key] if random else lora_chosen[rank])
+        if random:
+            start[key] = max(chosen - 1, 0)
+        if family == "LoRA" and random:
+            lora_chosen[rank] = chosen
         best = tried[chosen]
         backbone, head = best.pop("model")
-        run = {"label": label, "family": family, "rank": rank, "rslora": rslora,
+        run = {"label": label, "family": family, "rank": rank, "rslora": rslora, "init": init,
                "alpha": None if rank is None else 2 * rank,
                "scale": None if rank is None else (2 * rank ** 0.5 if rslora else 2.0),
                **{k: v for k, v in best.items() if k not in ("intruders", "drift")},
@@ -185,7 +282,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
 def _line(run) -> str:
     m, c = run.get("mitigated"), run.get("control")
-    text = (f"{run['label']:>14}: lr {run['lr']:g}{'' if run['reached'] else ' (target missed)'}"
+    text = (f"{run['label']:>18}: lr {run['lr']:g}{'' if run['reached'] else ' (target missed)'}"
             f", acc {run['accuracy']:.3f}, intruders {run['detection']['total_intruders']}, "
             f"drift {run['drift']:.4f}, sim {run['similarity_forgetting']:.4f}")
     if m:
@@ -197,7 +294,8 @@ def _line(run) -> str:
 def _plots(cfg: SweepConfig, results: dict) -> dict:
     out, runs = cfg.out, results["runs"]
     full = next(r for r in runs if r["rank"] is None)
-    families = [(f, [r for r in runs if r["family"] == f]) for f in ("LoRA", "rsLoRA")]
+    families = [(f, [r for r in runs if r["family"] == f and r["init"] == "random"])
+                for f in ("LoRA", "rsLoRA")]
     ranks = list(cfg.ranks)
     files = {"intruders_vs_rank": plots.plot_series(
         {f"{f} (alpha = 2r)": (ranks, [r["detection"]["total_intruders"] for r in rs])
@@ -224,6 +322,17 @@ def _plots(cfg: SweepConfig, results: dict) -> dict:
                 "rank r", ylabel, f"{f}: {measure.replace('_', ' ')} against rank",
                 os.path.join(out, f"{measure}_{tag}.png"), logx=True,
                 hlines={"full fine-tuning": full[measure]})
+    if results["init_ranks"]:
+        lora = {(r["rank"], r["init"]): r for r in runs if r["family"] == "LoRA"}
+        for measure, ylabel in (("intruders", "intruders (all layers)"),
+                                ("drift", "drift: 1 - mean cos(base, tuned)")):
+            files[f"{measure}_vs_init"] = plots.plot_grouped_bars(
+                [f"r={rank}" for rank in results["init_ranks"]],
+                {mode: [lora[rank, mode]["detection"]["total_intruders"] if measure == "intruders"
+                        else lora[rank, mode][measure] for rank in results["init_ranks"]]
+                 for mode in cfg.init_modes}, ylabel,
+                f"LoRA: {measure} per initialisation, against the original base",
+                os.path.join(out, f"{measure}_vs_init.png"))
     return {k: os.path.basename(v) for k, v in files.items()}
 
 
@@ -278,7 +387,19 @@ def _write_report(cfg: SweepConfig, results: dict) -> None:
         f"Frobenius norm ('change norm': over all layers).\n\n"
         f"Reference: a linear probe on the frozen base model reaches test accuracy "
         f"{results['linear_probe_accuracy']:.3f}.")
-    captions = {"intruders_vs_rank": "Intruders against rank"}
+    if results["init_ranks"]:
+        setup += (
+            f"\n\nInitialisation: LoRA at ranks {', '.join(map(str, results['init_ranks']))} "
+            f"also from the base weights' top (principal, PiSSA) or bottom (minor, MiLoRA) "
+            f"singular triplets (`init_lora_from_spectrum`; compared: "
+            f"{', '.join(c['init_modes'])}; random is the LoRA run above), the rate searched "
+            f"from the random run's. Their base weights are the residual W0 - s B0 A0, so "
+            f"everything is measured against the original W0: intruders, drift and forgetting "
+            f"of W = W0 + s (B A - B0 A0), and the mitigation and its control act on that "
+            f"update (rank 2r, PEFT's rank policy keeping 2r triplets).")
+    captions = {"intruders_vs_rank": "Intruders against rank",
+                "intruders_vs_init": "LoRA: intruders per initialisation at each rank",
+                "drift_vs_init": "LoRA: drift per initialisation at each rank"}
     for f in ("LoRA", "rsLoRA"):
         tag = f.lower()
         captions.update({
