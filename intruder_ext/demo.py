@@ -37,16 +37,9 @@ from .layers import model_pair_layers, peft_model_layers
 
 
 @dataclass
-class DemoConfig:
-    out: str = "intruder_ext_demo"
-    ranks: tuple = (1, 8, 64)
-    epochs: int = 5
-    max_examples: int = 320
-    lora_lr: float = 2e-3
-    # rsLoRA's scale alpha/sqrt(r) = 2 sqrt(r) is 16 at r = 64, 8x LoRA's 2: at LoRA's lr it
-    # diverged (accuracy at chance), so it trains at a quarter of it.
-    rslora_lr: float = 5e-4
-    full_lr: float = 5e-5
+class TrainingSetup:
+    """What the demo and the sweep (intruder_ext.sweep) share: training, analysis, machine."""
+
     batch_size: int = 16
     targets: tuple = ("query", "value")
     top_k: int = 10
@@ -58,6 +51,19 @@ class DemoConfig:
     cache_dir: str | None = None  # base-spectrum cache (None: the cache's default)
     monitor_every: int = 5  # intruder checks during training, every this many steps
     quiet: bool = False
+
+
+@dataclass
+class DemoConfig(TrainingSetup):
+    out: str = "intruder_ext_demo"
+    ranks: tuple = (1, 8, 64)
+    epochs: int = 5
+    max_examples: int = 320
+    lora_lr: float = 2e-3
+    # rsLoRA's scale alpha/sqrt(r) = 2 sqrt(r) is 16 at r = 64, 8x LoRA's 2: at LoRA's lr it
+    # diverged (accuracy at chance), so it trains at a quarter of it.
+    rslora_lr: float = 5e-4
+    full_lr: float = 5e-5
     results: dict = field(default_factory=dict)
 
 

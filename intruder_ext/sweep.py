@@ -53,8 +53,8 @@ from dataclasses import dataclass
 import torch
 
 from . import checks, plots
-from .demo import (Prepared, accuracy, analyse_run, check_inputs, drift, monitor_history,
-                   new_backbone, prepare, say, train)
+from .demo import (Prepared, TrainingSetup, accuracy, analyse_run, check_inputs, drift,
+                   monitor_history, new_backbone, prepare, say, train)
 from .demo_data import LABELS, OUT_OF_TASK
 from .initialization import init_lora_from_spectrum
 from .layers import peft_model_layers, write_peft_factors
@@ -66,7 +66,7 @@ INIT_RANKS = (8, 64)  # the spectrum-initialised runs by default: these of ``ran
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(TrainingSetup):
     out: str = "intruder_ext_sweep"
     ranks: tuple = (1, 2, 4, 8, 16, 32, 64)
     epochs: int = 5  # at most: a run stops at the first epoch that reaches the target
@@ -75,20 +75,9 @@ class SweepConfig:
     # LoRA and rsLoRA (rsLoRA's scale at r = 64 is 8 times LoRA's: it needs rates that low)
     lora_lrs: tuple = tuple(4e-3 / 2 ** i for i in range(8, -1, -1))  # 1.6e-5 ... 4e-3
     full_lrs: tuple = (5e-6, 1e-5, 2e-5, 4e-5, 8e-5)
-    batch_size: int = 16
-    targets: tuple = ("query", "value")
-    top_k: int = 10
-    epsilon: float = 0.5
-    mitigation_lambda: float = 0.75
-    seed: int = 0
-    model_path: str | None = None
-    threads: int = 0
-    cache_dir: str | None = None
-    monitor_every: int = 5
     # Initialisations compared at ``init_ranks`` (plain LoRA): "random" is the runs above.
     init_modes: tuple = ("random", "principal", "minor")
     init_ranks: tuple | None = None  # None: those of INIT_RANKS in ranks
-    quiet: bool = False
 
 
 def init_runs(cfg: SweepConfig) -> list:
