@@ -8,8 +8,9 @@ whole path from the base model to the initialised PeftModel: ``get_peft_model`` 
 init, or ``get_peft_model`` with the default init followed by ``init_lora_from_spectrum`` (the
 default init's work is counted against ours). The cache is warmed by one untimed call on the
 same base model; a warm round still hashes every base weight to find its entry. The adapters
-of ``pissa`` and ours must agree: the norm of each layer's ``s B A`` and of its residual base
-weight, to 1e-4 (relative).
+of ``pissa`` and ours must agree: each layer's ``s B A`` and the norm of its residual base
+weight, to 1e-4 (relative); ``extra_info`` holds each implementation's largest relative distance
+from ``pissa``'s ``s B A`` (``pissa_niter_4`` is a randomized approximation).
 
 Run (PEFT's full SVDs take a while at full size; BENCH_SCALE=small for a smoke run):
     pytest benchmarks/bench_init.py -p no:cacheprovider -s \
@@ -46,7 +47,7 @@ IMPLS = ["peft_pissa", "peft_pissa_niter_4", "intruder_ext"]  # ours last: it re
 
 _base = {}
 _medians = {}
-_norms = {}  # impl -> [(||s B A||, ||W0 - s B A||) per layer]
+_updates = {}  # impl -> [(s B A, ||W0 - s B A||) per layer]
 _cache = tempfile.TemporaryDirectory()
 
 
@@ -75,7 +76,8 @@ def run_ours(cache):
     return run
 
 
-def layer_norms(peft_model):
+def layer_updates(peft_model):
+    """Each layer's ``s B A`` (float64) and its base weight's norm."""
     from peft.tuners.lora.layer import LoraLayer
 
     out = []
@@ -83,8 +85,7 @@ def layer_norms(peft_model):
         if isinstance(module, LoraLayer):
             B, A = module.lora_B["default"].weight.detach(), module.lora_A["default"].weight.detach()
             update = module.scaling["default"] * (B.double() @ A.double())
-            out.append((float(update.norm()),
-                        float(module.get_base_layer().weight.detach().double().norm())))
+            out.append((update, float(module.get_base_layer().weight.detach().double().norm())))
     return out
 
 
@@ -100,12 +101,17 @@ def test_init(benchmark, impl):
     result = benchmark.pedantic(fn, setup=lambda: ((base_model(),), {}), rounds=ROUNDS,
                                 iterations=1)
     _medians[impl] = benchmark.stats.stats.median
-    _norms[impl] = layer_norms(result)
+    _updates[impl] = layer_updates(result)
+    if impl != "peft_pissa":  # how far from the exact PiSSA update (pissa_niter_4 approximates)
+        gap = max(float((u - exact).norm() / exact.norm()) for (u, _), (exact, _) in
+                  zip(_updates[impl], _updates["peft_pissa"], strict=True))
+        benchmark.extra_info["max_relative_gap_to_pissa"] = gap
+        print(f"\n{impl}: s B A within {gap:.1e} (relative, worst layer) of PEFT's pissa")
     if impl != "intruder_ext":
         return
-    for (ours_u, ours_w), (peft_u, peft_w) in zip(_norms[impl], _norms["peft_pissa"],
+    for (ours_u, ours_w), (peft_u, peft_w) in zip(_updates[impl], _updates["peft_pissa"],
                                                   strict=True):
-        assert ours_u == pytest.approx(peft_u, rel=1e-4)
+        assert float((ours_u - peft_u).norm()) <= 1e-4 * float(peft_u.norm())
         assert ours_w == pytest.approx(peft_w, rel=1e-4)
     for other in IMPLS[:-1]:
         speedup = _medians[other] / _medians[impl]
