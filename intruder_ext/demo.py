@@ -278,6 +278,17 @@ def monitor_history(monitor) -> list:
     return [[h["step"], h["intruders/total"]] for h in monitor.history]
 
 
+def save_results(cfg: TrainingSetup, results: dict, t_start: float, write_report) -> dict:
+    """The end of a demo or sweep: its total time, results.json and report.md in ``cfg.out``."""
+    results["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    write_report(cfg, results)
+    say(cfg.quiet, f"report: {os.path.join(cfg.out, 'report.md')}  "
+                   f"({results['total_seconds']:.0f}s in all)")
+    return results
+
+
 def say(quiet: bool, msg: str) -> None:
     if not quiet:
         print(msg, flush=True)
@@ -371,13 +382,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     os.makedirs(cfg.out, exist_ok=True)
     results["plots"] = _demo_plots(cfg, results, prep.base, models)
-    results["total_seconds"] = round(time.perf_counter() - t_start, 2)
-    with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    _write_report(cfg, results)
-    say(cfg.quiet, f"report: {os.path.join(cfg.out, 'report.md')}  "
-                   f"({results['total_seconds']:.0f}s in all)")
-    return results
+    return save_results(cfg, results, t_start, _write_report)
 
 
 def _demo_plots(cfg, results, base, models) -> dict:

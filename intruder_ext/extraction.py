@@ -49,7 +49,7 @@ from .report import text_table
 from .spectral import _default_block, _eig_topk, _Eig, _Gram64, _thin_mm
 
 __all__ = ["ExtractionReport", "LayerExtraction", "LowRankApproximation", "extract_lora",
-           "lowrank_approximation"]
+           "lowrank_approximation", "open_checkpoints"]
 
 _F64 = torch.float64
 FUNC = "extract_lora"
@@ -329,8 +329,9 @@ def _other_differences(base: ModelDirectory, tuned: ModelDirectory, matrices: se
     return skipped, unchanged
 
 
-def _inputs(base, tuned):
-    """``(base, tuned)`` model directories, checked to be two different models."""
+def open_checkpoints(base, tuned):
+    """``(base, tuned)`` model directories, checked to be two different models (the command
+    line opens them first to check its --json path against them)."""
     base_dir = resolve(str(base), "BASE")
     tuned_dir = resolve(str(tuned), "TUNED")
     if os.path.realpath(base_dir) == os.path.realpath(tuned_dir):
@@ -373,7 +374,7 @@ def extract_lora(base, tuned, rank, out=None, *, rank_policy="fixed", dtype=None
     policy, energy = checks.extraction_rank_policy(FUNC, rank_policy)
     dtype = checks.extraction_dtype(FUNC, dtype)
     device = checks.device(FUNC, device)
-    base_model, tuned_model = _inputs(base, tuned)
+    base_model, tuned_model = open_checkpoints(base, tuned)
     inputs = [("BASE", base_model.directory), ("TUNED", tuned_model.directory)]
     if out is not None:
         out = check_new_output(out, "--out", inputs, directory=True)

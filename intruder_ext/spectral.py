@@ -580,13 +580,28 @@ def _certify(gram: _Gram64, Y0: Tensor, k: int, *, block: int, tol: float, max_i
     return _eig_topk(gram, Y0.to(_F64), k, block=block, tol=tol, max_iter=max_iter, dense_n=0)
 
 
+def _certified(fn: str, gram: _Gram64, Y0: Tensor, k: int, U0: Tensor, dtype: torch.dtype,
+               method: str, iterations: int, *, block: int | None, tol: float, max_iter: int,
+               on_failure: str) -> TopK:
+    """The end of every fast path: certify the approximate left vectors ``Y0`` against the true
+    ``W``, or fail as ``on_failure`` says (the dense fallback, or an error)."""
+    m = Y0.shape[0]
+    eig = _certify(gram, Y0, k, block=_default_block(k, m) if block is None else min(block, m),
+                   tol=tol, max_iter=max_iter)
+    top = _finish(eig, k, U0, dtype, method, iterations + eig.iterations, tol)
+    if not top.converged:
+        _fail(fn, top, tol, max_iter, on_failure)
+        return _dense(gram, U0, k, dtype, tol)
+    return top
+
+
 def _fail(fn: str, top: TopK, tol: float, max_iter: int, on_failure: str):
     msg = (f"{fn}: top-{top.sigma.shape[0]} did not converge: largest residual "
            f"{float(top.residual.max()):.3g} > tol {tol:.3g} after {top.iterations} iterations "
            f"(max_iter={max_iter})")
     if on_failure == "raise":
         raise RuntimeError(msg)
-    warnings.warn(msg + "; falling back to a dense SVD (dense_topk)", RuntimeWarning, stacklevel=3)
+    warnings.warn(msg + "; falling back to a dense SVD (dense_topk)", RuntimeWarning, stacklevel=4)
 
 
 def _finish(eig: _Eig, k: int, U0: Tensor, dtype: torch.dtype, method: str, iterations: int,
@@ -689,13 +704,8 @@ def lora_topk(base: BaseSpectrum, B: Tensor, A: Tensor, scale: float, k: int, *,
     approx = _eig_topk(structured, X0, k, block=blk, tol=tol / 10, max_iter=max_iter)
     x = approx.X
     Y0 = _thin_mm(U0, x[:p]) + Q @ x[p:]
-    eig = _certify(gram, Y0, k, block=_default_block(k, m) if block is None else min(block, m),
-                   tol=tol, max_iter=max_iter)
-    top = _finish(eig, k, U0, base.dtype, "structured", approx.iterations + eig.iterations, tol)
-    if not top.converged:
-        _fail(fn, top, tol, max_iter, on_failure)
-        return _dense(gram, U0, k, base.dtype, tol)
-    return top
+    return _certified(fn, gram, Y0, k, U0, base.dtype, "structured", approx.iterations,
+                      block=block, tol=tol, max_iter=max_iter, on_failure=on_failure)
 
 
 def weight_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = None,
@@ -737,13 +747,8 @@ def weight_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = No
 
     approx = _eig_topk(gram32, X0, k, block=blk, tol=1e-5, max_iter=max_iter, floor=1.0)
     Y0 = approx.X if left else _thin_mm(W32, approx.X)
-    eig = _certify(gram, Y0, k, block=_default_block(k, m) if block is None else min(block, m),
-                   tol=tol, max_iter=max_iter)
-    top = _finish(eig, k, U0, base.dtype, "subspace", approx.iterations + eig.iterations, tol)
-    if not top.converged:
-        _fail(fn, top, tol, max_iter, on_failure)
-        return _dense(gram, U0, k, base.dtype, tol)
-    return top
+    return _certified(fn, gram, Y0, k, U0, base.dtype, "subspace", approx.iterations,
+                      block=block, tol=tol, max_iter=max_iter, on_failure=on_failure)
 
 
 def _dense(gram: _Gram64, U0: Tensor, k: int, dtype: torch.dtype, tol: float) -> TopK:

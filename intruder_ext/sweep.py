@@ -34,10 +34,8 @@ Size: at most about ``(1 + 2 len(ranks) + n_init) * 2 trials * epochs * 0.6 max_
 batch_size`` training steps (``n_init`` spectrum-initialised runs), 2850 at the defaults (full
 fine-tuning's steps cost twice LoRA's; runs that reach the target stop early). On this
 project's 2-core CPU a LoRA step takes 0.16 s with two threads on an idle machine and 0.27 s with
-one; scaled from a pilot of 7 of the 15 runs without initialisations (808 s at 480 examples, at
-most 6 epochs and 3 trials per run), those 15 take about 13 minutes on one thread at the
-defaults, and the 4 spectrum-initialised runs about 4 more (estimated from that average, not
-measured). On a busy machine pass ``--threads 1``: two threads that wait for each other's time
+one. The default sweep (19 runs, 2 or 3 learning rates tried each) took 1125 s (18 min 45 s)
+with ``--threads 1`` on that machine, otherwise idle (benchmarks/RESULTS.md 5.9). On a busy machine pass ``--threads 1``: two threads that wait for each other's time
 slices slowed the small linear algebra of detection here by up to 100x. ``ranks``, ``epochs``,
 ``max_examples``, the rate grids, ``init_modes`` and ``init_ranks`` are the knobs.
 """
@@ -45,7 +43,6 @@ slices slowed the small linear algebra of detection here by up to 100x. ``ranks`
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -54,7 +51,7 @@ import torch
 
 from . import checks, plots
 from .demo import (Prepared, TrainingSetup, accuracy, analyse_run, check_inputs, drift,
-                   monitor_history, new_backbone, prepare, say, train)
+                   monitor_history, new_backbone, prepare, save_results, say, train)
 from .demo_data import LABELS, OUT_OF_TASK
 from .initialization import init_lora_from_spectrum
 from .layers import peft_model_layers, write_peft_factors
@@ -260,13 +257,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
     os.makedirs(cfg.out, exist_ok=True)
     results["plots"] = _plots(cfg, results)
-    results["total_seconds"] = round(time.perf_counter() - t_start, 2)
-    with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    _write_report(cfg, results)
-    say(cfg.quiet, f"report: {os.path.join(cfg.out, 'report.md')}  "
-                   f"({results['total_seconds']:.0f}s in all)")
-    return results
+    return save_results(cfg, results, t_start, _write_report)
 
 
 def _line(run) -> str:
