@@ -35,9 +35,10 @@ batch_size`` training steps (``n_init`` spectrum-initialised runs), 2850 at the 
 fine-tuning's steps cost twice LoRA's; runs that reach the target stop early). On this
 project's 2-core CPU a LoRA step takes 0.16 s with two threads on an idle machine and 0.27 s with
 one. The default sweep (19 runs, 2 or 3 learning rates tried each) took 1125 s (18 min 45 s)
-with ``--threads 1`` on that machine, otherwise idle (benchmarks/RESULTS.md 5.9). On a busy machine pass ``--threads 1``: two threads that wait for each other's time
-slices slowed the small linear algebra of detection here by up to 100x. ``ranks``, ``epochs``,
-``max_examples``, the rate grids, ``init_modes`` and ``init_ranks`` are the knobs.
+with ``--threads 1`` on that machine, otherwise idle (benchmarks/RESULTS.md 5.9). On a busy machine
+pass ``--threads 1``: two threads that wait for each other's time slices slowed the small linear
+algebra of detection here by up to 100x. ``ranks``, ``epochs``, ``max_examples``, the rate grids,
+``init_modes`` and ``init_ranks`` are the knobs.
 """
 
 from __future__ import annotations
