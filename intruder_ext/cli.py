@@ -558,6 +558,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _caused_by_interrupt(error: BaseException | None) -> bool:
+    """Whether a Ctrl-C is behind ``error``: Python wraps a KeyboardInterrupt raised inside some
+    of its machinery (a class body's ``__set_name__`` during an import, seen in matplotlib) in
+    another exception, with the interrupt as its cause."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def main(argv=None) -> int:
     try:
         parser = build_parser()
@@ -575,6 +588,9 @@ def main(argv=None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        if _caused_by_interrupt(e):
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
         message = user_error_message(e)
         if message is None:  # a bug, not a user mistake: keep the traceback for the report
             traceback.print_exc()

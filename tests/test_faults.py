@@ -175,6 +175,23 @@ def test_interrupt_during_start_up_is_one_line(inputs, tmp_path, delay):
         assert err.strip().splitlines() == ["intruder-ext: interrupted"]
 
 
+def test_interrupt_wrapped_by_python_is_one_line(monkeypatch, capsys):
+    """A Ctrl-C inside an import's class creation reaches the command wrapped in a RuntimeError
+    ("Error calling __set_name__", seen in CI when SIGINT hit matplotlib's import): still an
+    interruption, not an internal error."""
+    import intruder_ext.cli as cli
+
+    def interrupted_import(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise RuntimeError("Error calling __set_name__ on '_axis_method_wrapper'") \
+                from interrupt
+    monkeypatch.setattr(cli, "cmd_cache", interrupted_import)
+    assert cli.main(["cache", "--list"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["intruder-ext: interrupted"]
+
+
 # ---------------------------------------------------------------------------------- filesystems
 @pytest.fixture
 def small_fs(tmp_path):
