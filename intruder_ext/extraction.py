@@ -44,7 +44,8 @@ from . import checks, ops
 from .checkpoints import (ADAPTER_CONFIG, ADAPTER_SAFETENSORS, CheckpointError, ModelDirectory,
                           atomic_directory, atomic_file, check_new_output, is_model_dir, resolve,
                           save_safetensors, write_json)
-from .layers import PEFT_PREFIX, LayerError, Skipped, checkpoint_pair_layers, natural_key, pattern_key
+from .layers import (LayerError, Skipped, checkpoint_pair_layers, natural_key, pattern_key,
+                     peft_factor_keys)
 from .report import text_table
 from .spectral import _default_block, _eig_topk, _Eig, _Gram64, _thin_mm
 
@@ -427,16 +428,12 @@ def _stored_dtype(tuned: ModelDirectory, layer) -> torch.dtype:
 
 
 def adapter_tensors(factors: dict, kinds: dict) -> dict[str, Tensor]:
-    """The adapter file's tensors as PEFT names them: ``lora_A.weight``/``lora_B.weight`` (and
-    ``lora_embedding_A``/``lora_embedding_B`` for embeddings), all in map orientation, which is
-    how PEFT stores every kind's factors (:mod:`intruder_ext.layers`)."""
+    """The adapter file's tensors, under PEFT's keys (:func:`intruder_ext.layers.peft_factor_keys`)."""
     tensors = {}
     for name, (B, A) in factors.items():
-        prefix = PEFT_PREFIX + name
-        a_key, b_key = ((".lora_embedding_A", ".lora_embedding_B") if kinds[name] == "embedding"
-                        else (".lora_A.weight", ".lora_B.weight"))
-        tensors[prefix + a_key] = A.contiguous()
-        tensors[prefix + b_key] = B.contiguous()
+        a_key, b_key = peft_factor_keys(name, kinds[name])
+        tensors[a_key] = A.contiguous()
+        tensors[b_key] = B.contiguous()
     return tensors
 
 

@@ -466,6 +466,16 @@ def peft_target(config: dict, name: str) -> bool:
     return idx == indexes if isinstance(indexes, int) else idx in indexes
 
 
+def peft_factor_keys(name: str, kind: str) -> tuple[str, str]:
+    """The adapter file's keys of a module's ``(A, B)`` as PEFT saves them (what ``_LORA_KEY``
+    reads back): ``lora_embedding_A``/``lora_embedding_B`` for embeddings, else
+    ``lora_A.weight``/``lora_B.weight``; both factors in map orientation for every kind."""
+    prefix = PEFT_PREFIX + name
+    if kind == "embedding":
+        return prefix + ".lora_embedding_A", prefix + ".lora_embedding_B"
+    return prefix + ".lora_A.weight", prefix + ".lora_B.weight"
+
+
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|"
                        r"lora_embedding_B|lora_B\.bias|lora_magnitude_vector(?:\.weight)?)$")
 
