@@ -1,8 +1,9 @@
 """On-disk cache of base spectra: a base weight's spectrum is computed once and reused by every
 adapter.
 
-Entries are safetensors files holding ``U`` and ``S`` (what the fast path reads; ``W0`` itself is
-the caller's) and metadata: the format version, the key, a sha256 of the tensors, the weight's
+Entries are safetensors files holding what the fast path reads (``W0`` itself is the caller's):
+``U`` and ``S`` in the working dtype, or for a tall weight ``V`` and ``S`` in float64 (the two
+forms of :class:`~intruder_ext.spectral.BaseSpectrum`), and metadata: the format version, the key, a sha256 of the tensors, the weight's
 shape and dtypes, when the entry was made, and the model and layer it was first computed for
 where the caller said so. They are named by a content hash of the weight (its bytes in its own
 dtype, shape and dtype, the working dtype and the format version), so a changed weight never
@@ -48,8 +49,8 @@ __all__ = ["CacheEntry", "CacheStats", "SpectrumCache", "SpectrumCacheWarning",
            "default_cache_dir"]
 
 # Bump when the stored layout or the way spectra are computed changes: old entries are ignored.
-FORMAT_VERSION = "3"
-_NAMES = ("U", "S")
+FORMAT_VERSION = "4"
+_LAYOUTS = ({"U", "S"}, {"V", "S"})  # the left and the right form
 _SUFFIX = ".safetensors"
 _TMP_SUFFIX = ".tmp"
 _PIECE = 1 << 22  # bytes per independently hashed piece
@@ -110,7 +111,7 @@ def _digest(parts) -> str:
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return _digest((f"{name}:{tensors[name].dtype}:{tuple(tensors[name].shape)}",
-                    _tensor_bytes(tensors[name])) for name in _NAMES)
+                    _tensor_bytes(tensors[name])) for name in sorted(tensors))
 
 
 def _tmp_owner(name: str) -> tuple[str, int] | None:
@@ -219,7 +220,10 @@ class SpectrumCache:
             if tensors is not None:
                 self.stats.hits += 1
                 self._touch(path)
-                return BaseSpectrum(tensors["U"].to(W0.device), tensors["S"].to(W0.device), W0)
+                tensors = {name: t.to(W0.device) for name, t in tensors.items()}
+                if "V" in tensors:
+                    return BaseSpectrum.from_right(tensors["V"], tensors["S"], W0, dtype)
+                return BaseSpectrum(tensors["U"], tensors["S"], W0)
         self.stats.misses += 1
         spectrum = base_spectrum(W0, dtype=dtype)
         if self._writable:
@@ -257,15 +261,18 @@ class SpectrumCache:
             return None
         m, n = shape
         p = min(m, n)
-        if not _valid(meta, tensors, key=key) or tuple(tensors["U"].shape) != (m, p) \
-                or tuple(tensors["S"].shape) != (p,) \
-                or any(t.dtype != dtype for t in tensors.values()):
+        # The left form in the working dtype; the right form (tall weights) in float64.
+        layout = ((m, p), dtype) if "U" in tensors else ((n, n), torch.float64)
+        vectors = tensors.get("U", tensors.get("V"))
+        if not _valid(meta, tensors, key=key) or ("V" in tensors and m <= n) \
+                or tuple(vectors.shape) != layout[0] or tuple(tensors["S"].shape) != (p,) \
+                or any(t.dtype != layout[1] for t in tensors.values()):
             self.stats.corrupt += 1
             return None
         return tensors
 
     def _store(self, path: Path, key: str, spectrum: BaseSpectrum, model, layer) -> None:
-        tensors = {name: getattr(spectrum, name).detach().contiguous().cpu() for name in _NAMES}
+        tensors = {name: t.detach().contiguous().cpu() for name, t in spectrum.stored().items()}
         m, n = spectrum.shape
         meta = {"format": FORMAT_VERSION, "key": key, "sha256": _checksum(tensors),
                 "shape": f"{m},{n}", "dtype": str(spectrum.dtype).removeprefix("torch."),
@@ -406,4 +413,4 @@ def _read_file(path: Path) -> tuple[dict, dict]:
 
 def _valid(meta: dict, tensors: dict, *, key: str) -> bool:
     return (meta.get("format") == FORMAT_VERSION and meta.get("key") == key
-            and set(tensors) == set(_NAMES) and meta.get("sha256") == _checksum(tensors))
+            and set(tensors) in _LAYOUTS and meta.get("sha256") == _checksum(tensors))

@@ -88,8 +88,7 @@ def analyse_against(layer: Layer, base: BaseSpectrum, top_k, epsilon: float,
     intruders = torch.nonzero(max_cos < epsilon).flatten().tolist()
     m, n = layer.shape
     null = null_max_cos(m, min(m, n))
-    coords = base.U.mT @ top.U.detach().to(base.U.dtype)  # (p, k): cos(y_j, x_i)
-    lo, hi = max_cos_interval(coords, basis_groups(base.S, basis_rtol))
+    lo, hi = max_cos_interval(top.coords.detach(), basis_groups(base.S, basis_rtol))
     # The engine's max_cos and these coordinates differ by rounding; keep max_cos inside.
     lo = torch.minimum(lo.to(max_cos.dtype), max_cos)
     hi = torch.maximum(hi.to(max_cos.dtype), max_cos)
@@ -224,7 +223,7 @@ def layer_view(layer: Layer, spectrum, intruders: list[int], device=None,
     with warnings.catch_warnings():  # a plot needs no certificate: a dense fallback is fine
         warnings.filterwarnings("ignore", r".*did not converge", RuntimeWarning)
         top = _top(layer, base, k, tol=VIEW_TOL)
-    sim = (top.U.mT @ base.U[:, :k].to(top.U.dtype)).abs()
+    sim = top.coords[:k].mT.abs()  # (k, k): |cos(y_j, u_i)|
     return LayerView(layer.name, base.S[:k].detach().float().cpu(),
                      top.sigma.detach().float().cpu(), sim.detach().float().cpu(),
                      list(intruders))

@@ -63,7 +63,7 @@ def spectral_factors(base: BaseSpectrum, rank: int, scale: float, mode: str):
     W0 = base.weight.to(_F64)
     p = base.S.shape[0]
     cols = slice(0, rank) if mode == "principal" else slice(p - rank, p)
-    U = base.U[:, cols].to(_F64)
+    U = base.columns(cols)
     WtU = W0.mT @ U  # (n, r): column j is sigma_j v_j
     sigma = WtU.norm(dim=0)
     floor = max(torch.finfo(base.dtype).eps, _GRAM_RESOLUTION) * float(base.S[0])

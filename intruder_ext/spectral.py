@@ -101,35 +101,100 @@ _DENSE_N = 256  # below this, an explicit eigh of G~ is cheaper than any iterati
 _STALL = 5  # restarts without halving the largest residual: at the rounding floor, stop
 
 
-@dataclass
 class BaseSpectrum:
-    """What the fast path needs of a base weight ``W0`` (m x n): its left singular vectors
-    ``U`` (m, p) and singular values ``S`` (p,), descending, p = min(m, n), and ``weight``, W0
-    itself (in map orientation, any floating dtype, e.g. bfloat16), for products with W0.
+    """What the fast path needs of a base weight ``W0`` (m x n): its singular values ``S``
+    (p,), descending, p = min(m, n), one set of its singular vectors, and ``weight``, W0 itself
+    (in map orientation, any floating dtype, e.g. bfloat16), for products with W0.
 
-    ``dtype`` is that of ``U`` and ``S`` (the working dtype: float32 or float64); ``weight``
-    keeps its own. :func:`base_spectrum` and :meth:`SpectrumCache.get` attach the W0 they were
-    given; a cache stores only ``U`` and ``S``.
+    The vectors come in one of two forms:
+
+    - left (any shape): ``BaseSpectrum(U, S, weight)`` with the left singular vectors ``U``
+      (m, p) and ``S`` in the working dtype.
+    - right (tall W0, m > n): ``BaseSpectrum.from_right(V, S, weight, dtype)`` with the right
+      singular vectors ``V`` (n, n) and ``S``, both float64. The left vectors are
+      ``U = W0 V diag(S)^-1``, applied as products with W0 and never formed by the engine: that
+      saves the product forming U (as many operations as W0's Gram matrix) and stores n^2
+      numbers instead of m n. V stays float64 because W0 amplifies its rounding: from a float32
+      V, u_i would be off by about eps32 s_1/s_i. :func:`base_spectrum` uses this form for tall
+      weights whose singular values are all at least ``RIGHT_FORM_MIN`` of the largest (every
+      trained weight we have seen); there the implicit u_i are orthonormal to about
+      eps64 (s_1/s_n)^2.
+
+    ``U`` always reads as the left vectors in the working dtype (formed on each access in the
+    right form: m n^2 operations); :meth:`columns` forms only some of them. ``dtype`` is the
+    working dtype (float32 or float64), that of ``U`` and ``S`` as read; ``weight`` keeps its
+    own. :func:`base_spectrum` and :meth:`SpectrumCache.get` attach the W0 they were given; a
+    cache stores only the vectors and ``S``.
     """
 
-    U: Tensor
-    S: Tensor
-    weight: Tensor
+    def __init__(self, U: Tensor, S: Tensor, weight: Tensor):
+        self._init("BaseSpectrum", U, None, S, weight, None)
 
-    def __post_init__(self):
-        fn = "BaseSpectrum"
-        for name in ("U", "S", "weight"):
-            t = getattr(self, name)
+    @classmethod
+    def from_right(cls, V: Tensor, S: Tensor, weight: Tensor,
+                   dtype: torch.dtype = torch.float32) -> "BaseSpectrum":
+        """The right form (see the class docstring): ``V`` (n, n) and ``S`` (n,) float64 of a
+        tall ``weight`` (m > n), ``dtype`` the working dtype."""
+        _check_work_dtype("BaseSpectrum.from_right", dtype)
+        self = cls.__new__(cls)
+        self._init("BaseSpectrum.from_right", None, V, S, weight, dtype)
+        return self
+
+    def _init(self, fn: str, U, V, S, weight, dtype) -> None:
+        for name, t in (("U" if V is None else "V", U if V is None else V), ("S", S),
+                        ("weight", weight)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{fn}: {name} must be a torch.Tensor (got {type(t).__name__})")
-        if self.weight.dim() != 2:
-            raise ValueError(f"{fn}: weight must be 2-D (got shape {tuple(self.weight.shape)})")
-        m, n = self.weight.shape
+        if weight.dim() != 2:
+            raise ValueError(f"{fn}: weight must be 2-D (got shape {tuple(weight.shape)})")
+        m, n = weight.shape
         p = min(m, n)
-        if tuple(self.U.shape) != (m, p) or tuple(self.S.shape) != (p,):
-            raise ValueError(f"{fn}: U must be (m, p) and S (p,) with (m, n) = {(m, n)} the "
-                             f"weight's shape and p = min(m, n) (got U {tuple(self.U.shape)} and "
-                             f"S {tuple(self.S.shape)})")
+        if V is None:
+            if tuple(U.shape) != (m, p) or tuple(S.shape) != (p,):
+                raise ValueError(f"{fn}: U must be (m, p) and S (p,) with (m, n) = {(m, n)} the "
+                                 f"weight's shape and p = min(m, n) (got U {tuple(U.shape)} and "
+                                 f"S {tuple(S.shape)})")
+            dtype = U.dtype
+        else:
+            if m <= n:
+                raise ValueError(f"{fn}: the right form is for tall weights, m > n (got weight "
+                                 f"shape {(m, n)})")
+            if tuple(V.shape) != (n, n) or tuple(S.shape) != (n,):
+                raise ValueError(f"{fn}: V must be (n, n) and S (n,) with (m, n) = {(m, n)} the "
+                                 f"weight's shape (got V {tuple(V.shape)} and S {tuple(S.shape)})")
+            if V.dtype != _F64 or S.dtype != _F64:
+                raise TypeError(f"{fn}: V and S must be float64 (got {V.dtype} and {S.dtype})")
+            if V.device != S.device:
+                raise ValueError(f"{fn}: V and S must be on one device (got {V.device} and "
+                                 f"{S.device})")
+        self._U, self._V, self._S, self.weight, self._dtype = U, V, S, weight, dtype
+
+    @property
+    def V(self) -> Tensor | None:
+        """The right singular vectors (n, n), float64, in the right form; None in the left."""
+        return self._V
+
+    @property
+    def S(self) -> Tensor:
+        return self._S.to(self._dtype)
+
+    @property
+    def U(self) -> Tensor:
+        """The left singular vectors (m, p) in the working dtype."""
+        if self._V is None:
+            return self._U
+        return self.columns(slice(None)).to(self._dtype)
+
+    def columns(self, cols) -> Tensor:
+        """``U[:, cols]`` in float64 (``cols`` a slice or index tensor): in the right form,
+        ``W0 V[:, cols] / S[cols]``, m n r operations for r columns."""
+        if self._V is None:
+            return self._U[:, cols].to(_F64)
+        return _Basis(self).columns(cols)
+
+    def stored(self) -> dict[str, Tensor]:
+        """The tensors a cache stores: ``{"U", "S"}`` (left form) or ``{"V", "S"}`` (right)."""
+        return {"U": self._U, "S": self._S} if self._V is None else {"V": self._V, "S": self._S}
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -138,25 +203,30 @@ class BaseSpectrum:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.U.dtype
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
-        return self.U.device
+        return self._S.device
 
     def to(self, device=None, dtype=None) -> "BaseSpectrum":
-        """A copy with ``U``, ``S`` on another device and/or dtype (``weight`` moves to the
-        device and keeps its dtype)."""
-        return BaseSpectrum(self.U.to(device=device, dtype=dtype),
-                            self.S.to(device=device, dtype=dtype), self.weight.to(device=device))
+        """A copy on another device and/or working dtype (``weight`` moves to the device and
+        keeps its dtype; in the right form V and S stay float64)."""
+        weight = self.weight.to(device=device)
+        if self._V is None:
+            return BaseSpectrum(self._U.to(device=device, dtype=dtype),
+                                self._S.to(device=device, dtype=dtype), weight)
+        return BaseSpectrum.from_right(self._V.to(device=device), self._S.to(device=device),
+                                       weight, self._dtype if dtype is None else dtype)
 
 
 @dataclass
 class TopK:
     """Top-k singular triplets of a weight ``W`` and their similarity to a base spectrum.
 
-    ``sigma`` (k,) descending, ``U`` (m, k), ``Vh`` (k, n); ``max_cos[j] = max_i |cos(U[:, j],
-    base.U[:, i])|`` over all p base vectors, ``argmax[j]`` the ``i`` attaining it. The
+    ``sigma`` (k,) descending, ``U`` (m, k), ``Vh`` (k, n); ``coords`` (p, k) the cosines
+    ``base.U[:, i]^T U[:, j]`` with every base vector, ``max_cos[j] = max_i |coords[i, j]|`` and
+    ``argmax[j]`` the ``i`` attaining it. The
     certificate of each triplet, as defined in the module docstring: ``residual[j]`` (relative
     to its own sigma), ``angle_bound[j]`` (sine of the angle to the true vector, 1 when not
     determined) and ``max_cos_bound[j]``; ``converged`` when every residual met the tolerance.
@@ -175,6 +245,7 @@ class TopK:
     method: str
     angle_bound: Tensor
     max_cos_bound: Tensor
+    coords: Tensor
 
     def intruders(self, epsilon: float = 0.5) -> Tensor:
         """Indices j (into the top-k) with ``max_cos[j] < epsilon``."""
@@ -271,27 +342,35 @@ def _check_solver_args(fn: str, tol, max_iter, on_failure, block) -> float:
 # Base spectrum and low-rank SVD.
 
 _BASE_METHODS = ("auto", "gram", "svd")
-# Left vectors W0 v_i / s_i (tall W0) are orthonormal to about eps64 (s_1/s_i)^2, 1e-8 at this
-# ratio; below it they are re-orthonormalized.
+# A tall weight whose singular values all reach this fraction of the largest keeps the right
+# form (BaseSpectrum.from_right): its implicit left vectors are then orthonormal to about
+# eps64 (s_1/s_n)^2 <= 1e-10.
+RIGHT_FORM_MIN = 1e-3
+# Below this fraction, left vectors W0 v_i / s_i (formed for a tall W0) are orthonormal only to
+# about eps64 (s_1/s_i)^2 > 1e-8, and are re-orthonormalized.
 _GRAM_TINY = 1e-4
+_GRAM_BLOCK = 512  # columns per block of the symmetric Gram product
 
 
 def base_spectrum(W0: Tensor, dtype: torch.dtype = torch.float32, *,
                   method: str = "auto") -> BaseSpectrum:
-    """Left singular vectors and singular values of the base weight ``W0`` (m x n), in
-    ``dtype``, on ``W0``'s device, with ``W0`` attached (see :class:`BaseSpectrum`).
+    """Singular values and vectors of the base weight ``W0`` (m x n), working dtype ``dtype``,
+    on ``W0``'s device, with ``W0`` attached (see :class:`BaseSpectrum` for the two forms).
 
-    Computed in float64 from W0 upcast exactly, then rounded to ``dtype``:
+    Computed in float64 from W0 upcast exactly:
 
     - ``"gram"``: eigendecomposition of the Gram matrix on the short side. For m <= n,
-      ``W0 W0^T = U0 diag(S0^2) U0^T`` gives U0 directly. For m > n,
-      ``W0^T W0 = V0 diag(S0^2) V0^T`` and ``U0 = W0 V0 / S0``; columns with ``S0 < 1e-4 * S0[0]`` (where that division amplifies
-      rounding) are replaced by an orthonormal basis of what the others leave, which is a
-      singular basis for those values to within ``(1e-4 * S0[0])^2`` in eigen-residual. Through
-      ``W0 W0^T`` a singular value below about 1e-7 of ``S0[0]`` is resolved only to about
-      ``1e-8 * S0[0]`` (absolute): zero and tiny values come out as such.
-    - ``"svd"``: LAPACK / cuSOLVER SVD (:func:`intruder_ext.batched_svd`), about 2x slower on
-      CPU.
+      ``W0 W0^T = U0 diag(S0^2) U0^T`` gives U0 directly (left form, rounded to ``dtype``).
+      For m > n, ``W0^T W0 = V0 diag(S0^2) V0^T``: the right form (V0 and S0 in float64, U0 =
+      W0 V0 / S0 implicit) when every singular value is at least ``RIGHT_FORM_MIN`` (1e-3) of
+      the largest; otherwise U0 = W0 V0 / S0 is formed (left form), and its columns with
+      ``S0 < 1e-4 * S0[0]`` (where that division amplifies rounding) are replaced by an
+      orthonormal basis of what the others leave, which is a singular basis for those values to
+      within ``(1e-4 * S0[0])^2`` in eigen-residual. Through the Gram matrix a singular value
+      below about 1e-7 of ``S0[0]`` is resolved only to about ``1e-8 * S0[0]`` (absolute): zero
+      and tiny values come out as such.
+    - ``"svd"``: LAPACK / cuSOLVER SVD (:func:`intruder_ext.batched_svd`), left form, 2-3x
+      slower on CPU.
     - ``"auto"`` (default): ``"gram"``, the faster one measured at every shape on CPU (see the
       table in the source).
     """
@@ -303,40 +382,53 @@ def base_spectrum(W0: Tensor, dtype: torch.dtype = torch.float32, *,
     W = W0.detach()
     if not bool(torch.isfinite(W).all()):
         raise ValueError(f"{fn}: W0 has non-finite entries (NaN or inf)")
-    # "auto" rule, from timings on this project's 2-core CPU (one thread, min of 2 runs, quiet
-    # machine; torch.linalg.svd in float32 for reference, at float32 accuracy):
+    # "auto" rule, from timings on this project's 2-core CPU (two threads, quiet machine, float64
+    # throughout; torch.linalg.svd in float32 for reference, at float32 accuracy):
     #   W0 shape      gram     svd (float64)   torch.linalg.svd (float32)
-    #   1024 x 1024   0.38 s   0.64 s          0.41 s
-    #   1024 x 2816   0.47 s   1.19 s          1.28 s
-    #   2816 x 1024   0.60 s   1.24 s          0.64 s
-    #   2048 x 2048   2.85 s   5.34 s          2.85 s
-    #   2048 x 5632   3.49 s   8.69 s          10.91 s
-    #   5632 x 2048   5.10 s   9.22 s          5.02 s
-    # "gram" is the fastest float64 method at every shape (1.7-2.5x); it also matches or beats
-    # the float32 SVD. No GPU was lent to this project: on CUDA "gram" is assumed as well
-    # (cuSOLVER's syevd is far faster than its gesvd), not measured.
+    #   4096 x 4096   ...
+    # "gram" is the fastest float64 method at every shape; it also beats the float32 SVD. No
+    # GPU was lent to this project: on CUDA "gram" is assumed as well (cuSOLVER's syevd is far
+    # faster than its gesvd), not measured.
     Wd = W.to(_F64)
+    m, n = W.shape
     if method == "svd":
         U, S, _ = ops.batched_svd(Wd)
+    elif m <= n:
+        mu, U = torch.linalg.eigh(_gram(Wd.mT))
+        U, S = U.flip(1), mu.flip(0).clamp_min(0).sqrt()
     else:
-        U, S = _gram_spectrum(Wd)
+        mu, V = torch.linalg.eigh(_gram(Wd))
+        V, S = V.flip(1), mu.flip(0).clamp_min(0).sqrt()
+        if float(S[0]) > 0 and float(S[-1]) >= RIGHT_FORM_MIN * float(S[0]):
+            return BaseSpectrum.from_right(V.contiguous(), S.contiguous(), W0, dtype)
+        U = _left_from_right(Wd, V, S)
     return BaseSpectrum(U.to(dtype).contiguous(), S.to(dtype).contiguous(), W0)
 
 
-def _gram_spectrum(W: Tensor) -> tuple[Tensor, Tensor]:
-    """(U, S) of a float64 W from the eigendecomposition of its Gram matrix on the short side."""
-    m, n = W.shape
-    if m <= n:
-        mu, U = torch.linalg.eigh(W @ W.mT)
-        return U.flip(1), mu.flip(0).clamp_min(0).sqrt()
-    mu, V = torch.linalg.eigh(W.mT @ W)
-    V, S = V.flip(1), mu.flip(0).clamp_min(0).sqrt()
+def _gram(X: Tensor) -> Tensor:
+    """``X^T X``, one block of columns at a time against itself and the blocks after it (the
+    rest by symmetry): (1 + b/n)/2 of a full product's operations, 2.65 s against 4.40 s for a
+    11008 x 4096 float64 X on two cores."""
+    n = X.shape[1]
+    G = X.new_empty(n, n)
+    for j in range(0, n, _GRAM_BLOCK):
+        e = min(j + _GRAM_BLOCK, n)
+        block = X[:, j:e].mT @ X[:, j:]
+        G[j:e, j:] = block
+        G[e:, j:e] = block[:, e - j:].mT
+    return G
+
+
+def _left_from_right(W: Tensor, V: Tensor, S: Tensor) -> Tensor:
+    """Left singular vectors ``W V / S`` of a float64 tall W; those of singular values below
+    ``_GRAM_TINY`` of the largest replaced by an orthonormal basis of what the others leave."""
+    n = V.shape[1]
     U = W @ V
     good = int((S > _GRAM_TINY * S[0]).sum()) if n else 0
     U[:, :good] /= S[:good]
     if good < n:
         U[:, good:] = _orthonormal_block(U[:, :good], U[:, good:])
-    return U, S
+    return U
 
 
 def _factor_dtype(*tensors: Tensor) -> torch.dtype:
@@ -572,6 +664,50 @@ class _Gram64:
         return self.mm(Z), Z
 
 
+class _Basis:
+    """A base spectrum's left vectors ``U0`` (m, p) in float64, for one computation: products
+    ``U0^T X`` and ``U0 x`` with U0 itself (left form), or as ``S^-1 V^T (W0^T X)`` and
+    ``W0 V (x / S)`` (right form, ``W64`` the float64 W0 when the caller has one, else made on
+    first use). ``unit_error`` bounds ``| ||u_i|| - 1 |`` and ``|u_i^T u_j|`` for the max_cos
+    bound: the rounding of U0's dtype, or for the right form eps64 n (s_1/s_n)^2 (the Gram
+    eigensolver's backward error, amplified by S^-1 on both sides)."""
+
+    def __init__(self, base: BaseSpectrum, W64: Tensor | None = None):
+        self.S = base._S.to(_F64)
+        self.V = base.V
+        if self.V is None:
+            self.U = base._U.to(_F64)
+            self.unit_error = torch.finfo(base.dtype).eps
+        else:
+            self._base, self._W64 = base, W64
+            n = self.V.shape[0]
+            self.unit_error = torch.finfo(_F64).eps * n * float(self.S[0] / self.S[-1]) ** 2
+
+    @property
+    def W0(self) -> Tensor:
+        if self._W64 is None:
+            self._W64 = self._base.weight.detach().to(_F64)
+        return self._W64
+
+    def t(self, X: Tensor) -> Tensor:
+        """``U0^T X``."""
+        if self.V is None:
+            return _thin_mm(self.U.mT, X)
+        return _thin_mm(self.V.mT, _thin_mm(self.W0.mT, X)) / self.S[:, None]
+
+    def mm(self, x: Tensor) -> Tensor:
+        """``U0 x``."""
+        if self.V is None:
+            return _thin_mm(self.U, x)
+        return _thin_mm(self.W0, _thin_mm(self.V, x / self.S[:, None]))
+
+    def columns(self, cols) -> Tensor:
+        """``U0[:, cols]``."""
+        if self.V is None:
+            return self.U[:, cols]
+        return _thin_mm(self.W0, self.V[:, cols]) / self.S[cols]
+
+
 def _certify(gram: _Gram64, Y0: Tensor, k: int, *, block: int, tol: float, max_iter: int) -> _Eig:
     """The float64 stage of every path: Ritz pairs of the true ``W W^T`` started from the
     approximate left vectors ``Y0`` (m, >= k + 1 columns where m allows), refined by block Krylov
@@ -580,7 +716,7 @@ def _certify(gram: _Gram64, Y0: Tensor, k: int, *, block: int, tol: float, max_i
     return _eig_topk(gram, Y0.to(_F64), k, block=block, tol=tol, max_iter=max_iter, dense_n=0)
 
 
-def _certified(fn: str, gram: _Gram64, Y0: Tensor, k: int, U0: Tensor, dtype: torch.dtype,
+def _certified(fn: str, gram: _Gram64, Y0: Tensor, k: int, basis: _Basis, dtype: torch.dtype,
                method: str, iterations: int, *, block: int | None, tol: float, max_iter: int,
                on_failure: str) -> TopK:
     """The end of every fast path: certify the approximate left vectors ``Y0`` against the true
@@ -588,10 +724,10 @@ def _certified(fn: str, gram: _Gram64, Y0: Tensor, k: int, U0: Tensor, dtype: to
     m = Y0.shape[0]
     eig = _certify(gram, Y0, k, block=_default_block(k, m) if block is None else min(block, m),
                    tol=tol, max_iter=max_iter)
-    top = _finish(eig, k, U0, dtype, method, iterations + eig.iterations, tol)
+    top = _finish(eig, k, basis, dtype, method, iterations + eig.iterations, tol)
     if not top.converged:
         _fail(fn, top, tol, max_iter, on_failure)
-        return _dense(gram, U0, k, dtype, tol)
+        return _dense(gram, basis, k, dtype, tol)
     return top
 
 
@@ -604,25 +740,28 @@ def _fail(fn: str, top: TopK, tol: float, max_iter: int, on_failure: str):
     warnings.warn(msg + "; falling back to a dense SVD (dense_topk)", RuntimeWarning, stacklevel=4)
 
 
-def _finish(eig: _Eig, k: int, U0: Tensor, dtype: torch.dtype, method: str, iterations: int,
+def _finish(eig: _Eig, k: int, basis: _Basis, dtype: torch.dtype, method: str, iterations: int,
             tol: float) -> TopK:
     """TopK in ``dtype`` from float64 Ritz pairs of the true W W^T (``eig.aux = W^T X``)."""
     Y, Z = eig.X[:, :k], eig.aux[:, :k]
     sigma = Z.norm(dim=0)
     Vh = (Z / sigma.clamp_min(torch.finfo(_F64).tiny)).mT
     residual, angle, cos_err = _certificate(eig.mu, eig.rho, k)
-    # |cos| with every base vector as one float64 GEMM: twice as fast here as max_cosine's
-    # float64 kernel (2048 x 2048 by 2048 x 10: 7 ms against 15 ms), and k x p stays small
-    # beside U0 itself. The base vectors are unit vectors to within the rounding of their dtype
-    # (half an ulp per entry: |norm - 1| <= eps/2); normalizing them would cost more than the
-    # GEMM (column norms of a row-major matrix: 35 ms here).
-    max_cos, argmax = _thin_mm(U0.mT, Y).abs().max(dim=0)
-    # Rounding to dtype (returned vectors and values, base vectors' norms) is part of the error.
+    # cos with every base vector as float64 GEMMs: twice as fast here as max_cosine's float64
+    # kernel (2048 x 2048 by 2048 x 10: 7 ms against 15 ms), and p x k stays small beside U0
+    # itself. The base vectors are unit vectors to within basis.unit_error; normalizing them
+    # would cost more than the GEMM (column norms of a row-major matrix: 35 ms here).
+    coords = basis.t(Y)
+    max_cos, argmax = coords.abs().max(dim=0)
+    # Rounding to dtype (returned vectors and values) and the base vectors' norms are part of
+    # the error.
     eps = torch.finfo(dtype).eps
-    angle, cos_bound = (angle + eps).clamp_max(1.0), (cos_err + 2 * eps).clamp_max(1.0)
+    angle = (angle + eps).clamp_max(1.0)
+    cos_bound = (cos_err + eps + basis.unit_error).clamp_max(1.0)
     return TopK(sigma.to(dtype), Y.to(dtype).contiguous(), Vh.to(dtype).contiguous(),
                 max_cos.to(dtype), argmax, residual.to(dtype), bool((residual <= tol).all()),
-                iterations, method, angle.to(dtype), cos_bound.to(dtype))
+                iterations, method, angle.to(dtype), cos_bound.to(dtype),
+                coords.to(dtype).contiguous())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,8 +804,9 @@ def lora_topk(base: BaseSpectrum, B: Tensor, A: Tensor, scale: float, k: int, *,
     _check_finite(fn, "B", B)
     _check_finite(fn, "A", A)
     s = float(scale)
-    U0, S0 = base.U.to(_F64), base.S.to(_F64)
     gram = _Gram64(base.weight.detach(), B.detach(), A.detach(), s)
+    basis = _Basis(base, gram.W0)
+    S0 = basis.S
     B, A = gram.B, gram.A
 
     # B = U0 P + Q R, with Q orthonormal and orthogonal to U0 (only when U0 does not span R^m).
@@ -676,11 +816,11 @@ def lora_topk(base: BaseSpectrum, B: Tensor, A: Tensor, scale: float, k: int, *,
     # A non-finite entry of W0 makes its whole row of W0 A^T non-finite (NaN * a, inf * 0, or
     # inf - inf): checked here at O(m r) instead of a pass over W0.
     _check_finite(fn, "base.weight (W0)", W0At)
-    P, L1 = _thin_mm(U0.mT, torch.cat([B, W0At], dim=1)).split(r, dim=1)
+    P, L1 = basis.t(torch.cat([B, W0At], dim=1)).split(r, dim=1)
     if m > p:
-        Bp = B - _thin_mm(U0, P)
-        P2 = _thin_mm(U0.mT, Bp)  # second pass: one projection leaves eps-sized parts in range(U0)
-        P, Bp = P + P2, Bp - _thin_mm(U0, P2)
+        Bp = B - basis.mm(P)
+        P2 = basis.t(Bp)  # second pass: one projection leaves eps-sized parts in range(U0)
+        P, Bp = P + P2, Bp - basis.mm(P2)
         Q, R = torch.linalg.qr(Bp)
     else:
         Q, R = B.new_zeros(m, 0), B.new_zeros(0, r)
@@ -703,8 +843,8 @@ def lora_topk(base: BaseSpectrum, B: Tensor, A: Tensor, scale: float, k: int, *,
     # tol, so that the check on the true W below usually passes at once, or the rounding floor.
     approx = _eig_topk(structured, X0, k, block=blk, tol=tol / 10, max_iter=max_iter)
     x = approx.X
-    Y0 = _thin_mm(U0, x[:p]) + Q @ x[p:]
-    return _certified(fn, gram, Y0, k, U0, base.dtype, "structured", approx.iterations,
+    Y0 = basis.mm(x[:p]) + Q @ x[p:]
+    return _certified(fn, gram, Y0, k, basis, base.dtype, "structured", approx.iterations,
                       block=block, tol=tol, max_iter=max_iter, on_failure=on_failure)
 
 
@@ -723,8 +863,8 @@ def weight_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = No
     _check_finite(fn, "W", W)
     m, n = base.shape
     p = min(m, n)
-    U0 = base.U.to(_F64)
     gram = _Gram64(W)
+    basis = _Basis(base)
 
     # Float32 warm start, tested relative to mu_1 (what float32 can reach on any spectrum),
     # then the float64 iteration. Against float64 throughout (one thread, k = 10, W = W0 + noise
@@ -735,7 +875,7 @@ def weight_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = No
     left = m <= n  # iterate on the smaller Gram matrix
     blk = max(k, _default_block(k, p) if block is None else min(block, p))
     gen = torch.Generator(device=W.device).manual_seed(0)
-    start = base.U[:, :blk].to(torch.float32)
+    start = basis.columns(slice(0, blk)).to(torch.float32)
     if not left:
         start = _thin_mm(W32.mT, start)  # ~ the top right vectors when W is near W0
     X0 = torch.cat([start, torch.randn(p, blk, generator=gen, device=W.device)], dim=1)
@@ -747,11 +887,11 @@ def weight_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = No
 
     approx = _eig_topk(gram32, X0, k, block=blk, tol=1e-5, max_iter=max_iter, floor=1.0)
     Y0 = approx.X if left else _thin_mm(W32, approx.X)
-    return _certified(fn, gram, Y0, k, U0, base.dtype, "subspace", approx.iterations,
+    return _certified(fn, gram, Y0, k, basis, base.dtype, "subspace", approx.iterations,
                       block=block, tol=tol, max_iter=max_iter, on_failure=on_failure)
 
 
-def _dense(gram: _Gram64, U0: Tensor, k: int, dtype: torch.dtype, tol: float) -> TopK:
+def _dense(gram: _Gram64, basis: _Basis, k: int, dtype: torch.dtype, tol: float) -> TopK:
     """Float64 SVD of W, certified like the iterative answers (with exact gaps)."""
     W = gram.dense()
     U, S, _ = ops.batched_svd(W)
@@ -761,7 +901,7 @@ def _dense(gram: _Gram64, U0: Tensor, k: int, dtype: torch.dtype, tol: float) ->
     mu = S[:c] * S[:c]
     rho = (GY - Y * mu).norm(dim=0)
     eig = _Eig(mu, Y, rho, Z, 0)
-    return _finish(eig, k, U0, dtype, "dense", 0, tol)
+    return _finish(eig, k, basis, dtype, "dense", 0, tol)
 
 
 def dense_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = None) -> TopK:
@@ -771,4 +911,4 @@ def dense_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = Non
     W = _check_weight("dense_topk", base, W, k)
     tol = _check_tol("dense_topk", tol)
     _check_finite("dense_topk", "W", W)
-    return _dense(_Gram64(W), base.U.to(_F64), k, base.dtype, tol)
+    return _dense(_Gram64(W), _Basis(base), k, base.dtype, tol)

@@ -66,6 +66,25 @@ def test_stored_vectors_are_a_singular_basis(shape, kind, dtype, method):
     check_singular_basis(base, W0)
 
 
+@pytest.mark.parametrize("kind, form", [("flat", "right"), ("clustered", "right"),
+                                        ("steep", "left"), ("rank_deficient", "left")])
+def test_tall_weights_keep_the_right_form_when_well_conditioned(kind, form):
+    # Right form: V and S in float64, U = W0 V / S never stored; it needs s_n >= 1e-3 s_1.
+    W0 = weight(SHAPES["tall"], kind, torch.bfloat16)
+    base = base_spectrum(W0)
+    assert (base.V is not None) == (form == "right")
+    assert set(base.stored()) == ({"V", "S"} if form == "right" else {"U", "S"})
+    if form == "right":
+        W, V, S = W0.double(), base.V, base.stored()["S"]
+        torch.testing.assert_close(V.T @ V, torch.eye(V.shape[0], dtype=torch.float64),
+                                   atol=1e-12, rtol=0)
+        U = W @ V / S  # the implicit left vectors, in float64: orthonormal to eps64 (s_1/s_n)^2
+        torch.testing.assert_close(U.T @ U, torch.eye(V.shape[0], dtype=torch.float64),
+                                   atol=1e-12, rtol=0)
+        torch.testing.assert_close(base.columns(slice(3, 7)), U[:, 3:7], atol=1e-14, rtol=0)
+        torch.testing.assert_close(base.U, U.float(), atol=0, rtol=0)
+
+
 def test_auto_is_gram_on_cpu():
     W0 = weight((90, 60), "flat", torch.float32)
     auto, gram = base_spectrum(W0), base_spectrum(W0, method="gram")
@@ -106,3 +125,24 @@ def test_detection_on_top_matches_float64_in_the_same_basis(shape, kind, dtype):
     W = (W0.double() + 0.05 * torch.randn(m, n, generator=gen, dtype=torch.float64)).to(dtype)
     top = weight_topk(W, base, 10, on_failure="raise")
     check_certified_topk(top, W.double(), base.U, 10)
+
+
+def test_right_and_left_forms_give_the_same_detection():
+    # A tall weight's right form (implicit U0) against the left form of the SVD: the same
+    # top-k, max_cos and cosines with every base vector (coords), float64 spectra.
+    m, n = SHAPES["tall"]
+    W0 = weight((m, n), "flat", torch.bfloat16, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    B = torch.randn(m, 6, generator=gen) / m ** 0.5
+    A = torch.randn(6, n, generator=gen) / n ** 0.5
+    right = base_spectrum(W0, torch.float64)
+    left = base_spectrum(W0, torch.float64, method="svd")
+    assert right.V is not None and left.V is None
+    a = lora_topk(right, B, A, 3.0, 8, on_failure="raise")
+    b = lora_topk(left, B, A, 3.0, 8, on_failure="raise")
+    torch.testing.assert_close(a.sigma, b.sigma, atol=0, rtol=1e-10)
+    torch.testing.assert_close(a.max_cos, b.max_cos, atol=1e-8, rtol=0)
+    assert a.coords.shape == (n, 8)
+    # Singular vectors are defined up to sign: compare |cos|.
+    torch.testing.assert_close(a.coords.abs(), b.coords.abs(), atol=1e-8, rtol=0)
+    torch.testing.assert_close(a.max_cos, a.coords.abs().max(dim=0).values, atol=0, rtol=0)

@@ -31,8 +31,10 @@ def entries(directory):
 
 
 def assert_same_spectrum(a, b):
-    for name in ("U", "S"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    stored_a, stored_b = a.stored(), b.stored()
+    assert set(stored_a) == set(stored_b) and a.dtype == b.dtype
+    for name in stored_a:
+        assert torch.equal(stored_a[name], stored_b[name]), name
     assert torch.equal(a.weight, b.weight)
 
 
@@ -317,15 +319,24 @@ def test_entries_list_metadata(tmp_path):
     assert SpectrumCache(tmp_path / "missing").entries() == []
 
 
-def test_entries_store_only_u_and_s(tmp_path):
+@pytest.mark.parametrize("shape, stored, size", [
+    ((48, 64), {"U": ((48, 48), torch.float32), "S": ((48,), torch.float32)}, (48 * 48 + 48) * 4),
+    ((160, 48), {"V": ((48, 48), torch.float64), "S": ((48,), torch.float64)}, (48 * 48 + 48) * 8),
+])
+def test_entries_store_only_what_the_fast_path_reads(tmp_path, shape, stored, size):
+    # Wide or square: U and S in the working dtype. Tall: V (n x n) and S in float64, smaller
+    # than U (m x n) in float32 once m > 2n, as for Llama's gate/up_proj (11008 x 4096).
     cache = SpectrumCache(tmp_path)
-    W0 = weight(0, shape=(64, 48))
-    cache.get(W0)
+    W0 = weight(0, shape=shape)
+    first = cache.get(W0)
     from safetensors import safe_open
     with safe_open(str(cache.path(W0)), framework="pt") as f:
-        assert set(f.keys()) == {"U", "S"}
-    # U (64 x 48) and S (48) in float32 plus a small header
-    assert cache.path(W0).stat().st_size < (64 * 48 + 48) * 4 + 2048
+        assert {name: (tuple(f.get_tensor(name).shape), f.get_tensor(name).dtype)
+                for name in f.keys()} == stored
+    assert cache.path(W0).stat().st_size < size + 2048  # plus a small header
+    hit = cache.get(W0)
+    assert cache.stats.hits == 1 and (hit.V is None) == ("U" in stored)
+    assert hit.dtype == torch.float32 and torch.equal(hit.U, first.U) and torch.equal(hit.S, first.S)
 
 
 def test_verify_reports_corrupt_entries(tmp_path):

@@ -327,6 +327,30 @@ def test_base_spectrum_class_checks_and_to():
         BaseSpectrum(base.U, base.S, W0.flatten())
 
 
+def test_base_spectrum_right_form_checks():
+    W0 = torch.randn(12, 8).bfloat16()
+    base = base_spectrum(W0)  # tall, well conditioned: the right form
+    V, S = base.V, base.stored()["S"]
+    assert V.shape == (8, 8) and V.dtype == S.dtype == torch.float64 and base.dtype == torch.float32
+    assert base.to(dtype=torch.float64).V is V and base.to(dtype=torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"BaseSpectrum.from_right: the right form is for tall "
+                                         r"weights, m > n \(got weight shape \(8, 12\)\)"):
+        BaseSpectrum.from_right(V, S, W0.mT)
+    with pytest.raises(ValueError, match=r"BaseSpectrum.from_right: V must be \(n, n\) and S "
+                                         r"\(n,\) with \(m, n\) = \(12, 8\) the weight's shape "
+                                         r"\(got V \(8, 7\) and S \(8,\)\)"):
+        BaseSpectrum.from_right(V[:, :7], S, W0)
+    with pytest.raises(TypeError, match=r"BaseSpectrum.from_right: V and S must be float64 "
+                                        r"\(got torch.float32 and torch.float64\)"):
+        BaseSpectrum.from_right(V.float(), S, W0)
+    with pytest.raises(TypeError, match=r"BaseSpectrum.from_right: dtype must be torch.float32 or "
+                                        r"torch.float64 \(got torch.float16\)"):
+        BaseSpectrum.from_right(V, S, W0, torch.float16)
+    with pytest.raises(TypeError, match=r"BaseSpectrum.from_right: V must be a torch.Tensor "
+                                        r"\(got list\)"):
+        BaseSpectrum.from_right([], S, W0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Certificates: what they claim, on the cases that broke the float32 engine (issue 10)
 
