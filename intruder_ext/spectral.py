@@ -8,7 +8,8 @@ base spectrum ``W0 = U0 diag(S0) V0^T`` without an m x n SVD of ``W``. In the or
     L1 = C^T W0 A^T,  L2 = [U0^T B ; R],
 
 diagonal plus rank <= 2r, and the top eigenvectors ``x_j`` of ``G~`` give ``y_j = C x_j``. Only
-``U0``, ``S0`` and products with ``W0`` itself are needed (no ``V0``).
+products with ``U0`` and ``W0`` and the values ``S0`` are needed: a :class:`BaseSpectrum` holds
+``U0``, or for a tall W0 (right form) ``V0`` and applies ``U0 = W0 V0 diag(S0)^-1`` as products.
 
 Precision
 ---------
