@@ -381,29 +381,38 @@ def base_spectrum(W0: Tensor, dtype: torch.dtype = torch.float32, *,
     if method not in _BASE_METHODS:
         raise ValueError(f"{fn}: method must be one of {_BASE_METHODS} (got {method!r})")
     W = W0.detach()
-    if not bool(torch.isfinite(W).all()):
-        raise ValueError(f"{fn}: W0 has non-finite entries (NaN or inf)")
-    # "auto" rule, from timings on this project's 2-core CPU (two threads, quiet machine, float64
-    # throughout; torch.linalg.svd in float32 for reference, at float32 accuracy):
-    #   W0 shape      gram     svd (float64)   torch.linalg.svd (float32)
-    #   4096 x 4096   ...
+    # "auto" rule, from timings on this project's 2-core CPU (two threads, quiet machine;
+    # benchmarks/RESULTS.md 5.1; torch.linalg.svd in float32 for reference, at float32 accuracy):
+    #   W0 shape       gram      torch.linalg.svd float64   torch.linalg.svd float32
+    #   4096 x 4096     9.8 s    20.3 s                     10.8 s
+    #   4096 x 11008   11.1 s    58.3 s                     35.4 s
+    #   11008 x 4096   11.2 s    32.2 s                     17.9 s
+    #   1024 x 4096     0.25 s    1.6 s                      1.1 s
     # "gram" is the fastest float64 method at every shape; it also beats the float32 SVD. No
     # GPU was lent to this project: on CUDA "gram" is assumed as well (cuSOLVER's syevd is far
     # faster than its gesvd), not measured.
     Wd = W.to(_F64)
     m, n = W.shape
     if method == "svd":
+        _check_finite(fn, "W0", W)
         U, S, _ = ops.batched_svd(Wd)
-    elif m <= n:
-        mu, U = torch.linalg.eigh(_gram(Wd.mT))
-        U, S = U.flip(1), mu.flip(0).clamp_min(0).sqrt()
     else:
-        mu, V = torch.linalg.eigh(_gram(Wd))
-        V, S = V.flip(1), mu.flip(0).clamp_min(0).sqrt()
-        if float(S[0]) > 0 and float(S[-1]) >= RIGHT_FORM_MIN * float(S[0]):
-            return BaseSpectrum.from_right(V.contiguous(), S.contiguous(), W0, dtype)
-        U = _left_from_right(Wd, V, S)
-    return BaseSpectrum(U.to(dtype).contiguous(), S.to(dtype).contiguous(), W0)
+        G = _gram(Wd.mT if m <= n else Wd)
+        # Every entry of W0 is in a diagonal entry of G, a sum of squares, where a NaN or inf
+        # cannot cancel: checked there at O(p) instead of a pass over W0.
+        if not bool(torch.isfinite(G.diagonal()).all()):
+            _check_finite(fn, "W0", W)
+            raise ValueError(f"{fn}: W0's squared row or column norms overflow float64 (largest "
+                             f"|entry| {float(W.abs().max()):.3g})")
+        mu, vectors = torch.linalg.eigh(G)
+        del G
+        S = mu.flip(0).clamp_min(0).sqrt()
+        if m > n and float(S[0]) > 0 and float(S[-1]) >= RIGHT_FORM_MIN * float(S[0]):
+            return BaseSpectrum.from_right(vectors.flip(1).contiguous(), S, W0, dtype)
+        U = vectors.flip(1) if m <= n else _left_from_right(Wd, vectors.flip(1), S)
+    # eigh's vectors are column-major: one copy makes them row-major in dtype.
+    return BaseSpectrum(torch.empty(U.shape, dtype=dtype, device=U.device).copy_(U),
+                        S.to(dtype), W0)
 
 
 def _gram(X: Tensor) -> Tensor:

@@ -306,8 +306,16 @@ def test_base_spectrum_errors_and_dtype():
         base_spectrum(W0, method="eig")
     bad = W0.clone()
     bad[3, 4] = float("nan")
-    with pytest.raises(ValueError, match=r"base_spectrum: W0 has non-finite entries"):
-        base_spectrum(bad)
+    for method in ("gram", "svd"):
+        with pytest.raises(ValueError, match=r"base_spectrum: W0 has non-finite entries"):
+            base_spectrum(bad, method=method)
+        with pytest.raises(ValueError, match=r"base_spectrum: W0 has non-finite entries"):
+            base_spectrum(bad.mT, method=method)
+    huge = W0.clone()
+    huge[3, 4] = 1e200  # finite, but its square is not
+    with pytest.raises(ValueError, match=r"base_spectrum: W0's squared row or column norms "
+                                         r"overflow float64 \(largest \|entry\| 1e\+200\)"):
+        base_spectrum(huge)
 
 
 def test_base_spectrum_class_checks_and_to():
