@@ -3,12 +3,12 @@ adapter.
 
 Entries are safetensors files holding what the fast path reads (``W0`` itself is the caller's):
 ``U`` and ``S`` in the working dtype, or for a tall weight ``V`` and ``S`` in float64 (the two
-forms of :class:`~intruder_ext.spectral.BaseSpectrum`), and metadata: the format version, the key, a sha256 of the tensors, the weight's
-shape and dtypes, when the entry was made, and the model and layer it was first computed for
-where the caller said so. They are named by a content hash of the weight (its bytes in its own
-dtype, shape and dtype, the working dtype and the format version), so a changed weight never
-reads a stale entry and entries of older formats are never read (:meth:`SpectrumCache.prune`
-removes them).
+forms of :class:`~intruder_ext.spectral.BaseSpectrum`), and metadata: the format version, the
+key, a sha256 of the tensors, the weight's shape and dtypes, when the entry was made, and the
+model and layer it was first computed for where the caller said so. They are named by a content
+hash of the weight (its bytes in its own dtype, shape and dtype, the working dtype and the
+format version), so a changed weight never reads a stale entry and entries of older formats are
+never read (:meth:`SpectrumCache.prune` removes them).
 
 Writes go to a temporary file in the cache directory, named after the host and process that
 write it, and are renamed into place (``os.replace`` is atomic): a crash never leaves a
@@ -136,7 +136,8 @@ class CacheStats:
 class CacheEntry:
     """One file of the cache, as :meth:`SpectrumCache.entries` lists it.
 
-    ``shape`` (m, n), ``dtype`` (of U and S), ``weight_dtype``, ``model``, ``layer`` come from the
+    ``shape`` (m, n), ``dtype`` (the working dtype: of U and S, or of what is read from V and S,
+    stored in float64, for a tall weight), ``weight_dtype``, ``model``, ``layer`` come from the
     entry's metadata and are None where unknown (an unreadable file, or labels not given);
     ``format`` is the entry's format version (entries of other versions are never read).
     ``mtime`` is the last write or hit (seconds since the epoch), ``age`` seconds since then.

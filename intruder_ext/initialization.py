@@ -11,14 +11,15 @@ as PEFT's ``init_lora_weights="pissa"`` does,
 so that ``s B A = U_r diag(sigma) V_r^T``, and write the residual ``W0 - s B A`` into the base
 weight: the model computes the same function as before.
 
-The cache holds ``U`` and ``S`` only (no V); the r right vectors are derived from ``W0`` in
-float64: ``W0^T u_j = sigma_j v_j``, so ``sigma_j = ||W0^T u_j||`` and ``v_j = W0^T u_j /
+The cache holds ``U`` and ``S`` (for a tall weight, V and S, with ``u_j = W0 v_j / s_j`` formed
+in float64: :class:`~intruder_ext.spectral.BaseSpectrum`); the r right vectors are derived from
+``W0`` in float64: ``W0^T u_j = sigma_j v_j``, so ``sigma_j = ||W0^T u_j||`` and ``v_j = W0^T u_j /
 sigma_j``. Taking sigma_j from that norm rather than from the cached S makes every ``v_j`` a unit
 vector and the split exactly balanced (``||B[:, j]|| = ||A[j]||``), and ``s B A = U_r U_r^T W0``
 holds whatever the rounding of the cached vectors: the projection of W0 on their span.
 
 Numerically zero singular values (a rank-deficient weight in ``"minor"`` mode). A cached
-vector carries the rounding of the cache's dtype, so ``||W0^T u_j||`` cannot resolve a singular
+vector carries the rounding of the cache's dtype (a left-form entry), so ``||W0^T u_j||`` cannot resolve a singular
 value below about ``eps * S[0]`` (``eps`` of float32 for the default cache; the float64 Gram
 eigensolver resolves 1e-8 of ``S[0]``): such a ``v_j`` would be rounding noise. Those pairs are
 set to zero, exactly as PEFT's PiSSA sets the pair of a zero singular value
@@ -63,7 +64,7 @@ def spectral_factors(base: BaseSpectrum, rank: int, scale: float, mode: str):
     W0 = base.weight.to(_F64)
     p = base.S.shape[0]
     cols = slice(0, rank) if mode == "principal" else slice(p - rank, p)
-    U = base.columns(cols)
+    U = base.columns(cols, W0)
     WtU = W0.mT @ U  # (n, r): column j is sigma_j v_j
     sigma = WtU.norm(dim=0)
     floor = max(torch.finfo(base.dtype).eps, _GRAM_RESOLUTION) * float(base.S[0])

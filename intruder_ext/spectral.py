@@ -59,8 +59,9 @@ from the true W (never from the base spectrum's approximation of W0):
 - ``max_cos_bound[j]``: a bound on the error of ``max_cos[j]`` against the exact
   ``max_i |cos(y*_j, base.U[:, i])|`` of the true vector ``y*_j``, from the angle bound
   (``||y_j - y*_j|| = 2 sin(theta/2)``) plus the rounding of the returned dtype. ``max_cos`` is
-  measured against the base spectrum's own vectors ``base.U``, taken as the unit vectors a
-  BaseSpectrum holds (their rounding to its dtype is in the bound). Where W0
+  measured against the base spectrum's own vectors ``base.U``, taken as unit vectors: their
+  deviation from that (the rounding of the spectrum's dtype; for a tall W0, whose left vectors
+  are formed as ``W0 v_i / s_i``, also eps64 sqrt(m) (s_1/s_i)^2) is added. Where W0
   itself has near-equal singular values those vectors are not unique, and neither is
   ``max_cos``: two correct base spectra can give values 0.02 apart for the same ``y_j``.
 - ``converged`` is True when every ``residual[j] <= tol``. With ``on_failure="dense"`` an answer
@@ -115,8 +116,9 @@ class BaseSpectrum:
       singular vectors ``V`` (n, n) and ``S``, both float64. The left vectors are
       ``U = W0 V diag(S)^-1``, applied as products with W0 and never formed by the engine: that
       saves the product forming U (as many operations as W0's Gram matrix) and stores n^2
-      numbers instead of m n. V stays float64 because W0 amplifies its rounding: from a float32
-      V, u_i would be off by about eps32 s_1/s_i. :func:`base_spectrum` uses this form for tall
+      float64 numbers instead of m n in the working dtype (smaller once m > 2n in float32).
+      V stays float64 because W0 amplifies its rounding: from a float32 V, u_i would be off by
+      about eps32 s_1/s_i. :func:`base_spectrum` uses this form for tall
       weights whose singular values are all at least ``RIGHT_FORM_MIN`` of the largest (every
       trained weight we have seen); there the implicit u_i are orthonormal to about
       eps64 (s_1/s_n)^2.
@@ -125,7 +127,9 @@ class BaseSpectrum:
     right form: m n^2 operations); :meth:`columns` forms only some of them. ``dtype`` is the
     working dtype (float32 or float64), that of ``U`` and ``S`` as read; ``weight`` keeps its
     own. :func:`base_spectrum` and :meth:`SpectrumCache.get` attach the W0 they were given; a
-    cache stores only the vectors and ``S``.
+    cache stores only the vectors and ``S``. The spectrum describes the weight as it was: in
+    the right form the left vectors are computed from ``weight`` itself, so changing that tensor
+    in place afterwards (it is usually the model's own parameter) invalidates the spectrum.
     """
 
     def __init__(self, U: Tensor, S: Tensor, weight: Tensor):
@@ -168,6 +172,13 @@ class BaseSpectrum:
             if V.device != S.device:
                 raise ValueError(f"{fn}: V and S must be on one device (got {V.device} and "
                                  f"{S.device})")
+            # The implicit U = W0 V / S divides by S: only values the form is accurate for.
+            if not (bool(torch.isfinite(S).all()) and bool((S[:-1] >= S[1:]).all())
+                    and float(S[-1]) >= RIGHT_FORM_MIN * float(S[0]) > 0):
+                raise ValueError(f"{fn}: S must be finite, descending and at least "
+                                 f"RIGHT_FORM_MIN = {RIGHT_FORM_MIN:g} of its largest value, which "
+                                 f"must be positive (got S[0] = {float(S[0]):.3g}, S[-1] = "
+                                 f"{float(S[-1]):.3g})")
         self._U, self._V, self._S, self.weight, self._dtype = U, V, S, weight, dtype
 
     @property
@@ -186,12 +197,13 @@ class BaseSpectrum:
             return self._U
         return self.columns(slice(None)).to(self._dtype)
 
-    def columns(self, cols) -> Tensor:
+    def columns(self, cols, weight64: Tensor | None = None) -> Tensor:
         """``U[:, cols]`` in float64 (``cols`` a slice or index tensor): in the right form,
-        ``W0 V[:, cols] / S[cols]``, m n r operations for r columns."""
+        ``W0 V[:, cols] / S[cols]``, m n r operations for r columns, with ``weight64`` (W0 in
+        float64) if the caller has it, else from a float64 copy of ``weight``."""
         if self._V is None:
             return self._U[:, cols].to(_F64)
-        return _Basis(self).columns(cols)
+        return _Basis(self, weight64).columns(cols)
 
     def stored(self) -> dict[str, Tensor]:
         """The tensors a cache stores: ``{"U", "S"}`` (left form) or ``{"V", "S"}`` (right)."""
@@ -285,7 +297,7 @@ def _check_base(fn: str, base):
         raise TypeError(f"{fn}: base must be a BaseSpectrum (got {type(base).__name__})")
     _check_work_dtype(fn, base.dtype)
     if base.weight.device != base.device:
-        raise ValueError(f"{fn}: base.weight must be on the device of base.U "
+        raise ValueError(f"{fn}: base.weight must be on the device of base.S "
                          f"(got {base.weight.device} and {base.device})")
 
 
@@ -318,6 +330,13 @@ def _check_weight(fn: str, base, W, k) -> Tensor:
 def _check_finite(fn: str, name: str, t: Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{fn}: {name} has non-finite entries (NaN or inf)")
+
+
+def _check_right_form_weight(fn: str, base) -> None:
+    # In the right form the base vectors are computed from W0: a non-finite W0 would turn every
+    # max_cos into NaN, which no epsilon flags. (lora_topk finds it in W0 A^T at O(m r).)
+    if base.V is not None:
+        _check_finite(fn, "base.weight (W0)", base.weight)
 
 
 def _check_tol(fn: str, tol) -> float:
@@ -407,7 +426,7 @@ def base_spectrum(W0: Tensor, dtype: torch.dtype = torch.float32, *,
         mu, vectors = torch.linalg.eigh(G)
         del G
         S = mu.flip(0).clamp_min(0).sqrt()
-        if m > n and float(S[0]) > 0 and float(S[-1]) >= RIGHT_FORM_MIN * float(S[0]):
+        if m > n > 0 and float(S[0]) > 0 and float(S[-1]) >= RIGHT_FORM_MIN * float(S[0]):
             return BaseSpectrum.from_right(vectors.flip(1).contiguous(), S, W0, dtype)
         U = vectors.flip(1) if m <= n else _left_from_right(Wd, vectors.flip(1), S)
     # eigh's vectors are column-major: one copy makes them row-major in dtype.
@@ -678,20 +697,27 @@ class _Basis:
     """A base spectrum's left vectors ``U0`` (m, p) in float64, for one computation: products
     ``U0^T X`` and ``U0 x`` with U0 itself (left form), or as ``S^-1 V^T (W0^T X)`` and
     ``W0 V (x / S)`` (right form, ``W64`` the float64 W0 when the caller has one, else made on
-    first use). ``unit_error`` bounds ``| ||u_i|| - 1 |`` and ``|u_i^T u_j|`` for the max_cos
-    bound: the rounding of U0's dtype, or for the right form eps64 n (s_1/s_n)^2 (the Gram
-    eigensolver's backward error, amplified by S^-1 on both sides)."""
+    first use).
+
+    ``unit_error`` is the estimate of ``| ||u_i|| - 1 |`` and ``|u_i^T u_j|`` that the max_cos
+    bound adds: the rounding of U0's dtype, plus, where vectors are (or were) formed as
+    ``W0 v_i / s_i`` (tall W0), the Gram eigensolver's backward error amplified by S^-1 on both
+    sides, eps64 sqrt(m) (s_1/s_i)^2 for the smallest such s_i (the right form's S[-1]; in a
+    tall left form, the smallest value above the re-orthonormalized ones). Measured: 6e-11 on a
+    2000 x 400 weight with s_1/s_n = 1e3 (log-spaced values), where this gives 9e-9."""
 
     def __init__(self, base: BaseSpectrum, W64: Tensor | None = None):
         self.S = base._S.to(_F64)
         self.V = base.V
+        self._base, self._W64 = base, W64
+        m, n = base.shape
+        self.unit_error = torch.finfo(base.dtype).eps
+        formed = self.S[self.S > _GRAM_TINY * self.S[:1]] if m > n else self.S[:0]
+        if formed.numel():
+            self.unit_error += torch.finfo(_F64).eps * math.sqrt(m) * float(
+                formed[0] / formed[-1]) ** 2
         if self.V is None:
             self.U = base._U.to(_F64)
-            self.unit_error = torch.finfo(base.dtype).eps
-        else:
-            self._base, self._W64 = base, W64
-            n = self.V.shape[0]
-            self.unit_error = torch.finfo(_F64).eps * n * float(self.S[0] / self.S[-1]) ** 2
 
     @property
     def W0(self) -> Tensor:
@@ -871,6 +897,7 @@ def weight_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = No
     W = _check_weight(fn, base, W, k)
     tol = _check_solver_args(fn, tol, max_iter, on_failure, block)
     _check_finite(fn, "W", W)
+    _check_right_form_weight(fn, base)
     m, n = base.shape
     p = min(m, n)
     gram = _Gram64(W)
@@ -885,9 +912,12 @@ def weight_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = No
     left = m <= n  # iterate on the smaller Gram matrix
     blk = max(k, _default_block(k, p) if block is None else min(block, p))
     gen = torch.Generator(device=W.device).manual_seed(0)
-    start = basis.columns(slice(0, blk)).to(torch.float32)
-    if not left:
-        start = _thin_mm(W32.mT, start)  # ~ the top right vectors when W is near W0
+    if base.V is not None:  # right form: W0's top right vectors are at hand
+        start = base.V[:, :blk].to(torch.float32)
+    else:
+        start = basis.columns(slice(0, blk)).to(torch.float32)
+        if not left:
+            start = _thin_mm(W32.mT, start)  # ~ the top right vectors when W is near W0
     X0 = torch.cat([start, torch.randn(p, blk, generator=gen, device=W.device)], dim=1)
 
     def gram32(X: Tensor):
@@ -921,4 +951,5 @@ def dense_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = Non
     W = _check_weight("dense_topk", base, W, k)
     tol = _check_tol("dense_topk", tol)
     _check_finite("dense_topk", "W", W)
+    _check_right_form_weight("dense_topk", base)
     return _dense(_Gram64(W), _Basis(base), k, base.dtype, tol)

@@ -3,11 +3,13 @@ its singular values, for square, wide, tall, rank-deficient and clustered spectr
 bfloat16 weights, by every method; detection on top of it matches a float64 dense computation
 in the same basis."""
 
+import math
+
 import pytest
 import torch
 from reference import check_certified_topk
 
-from intruder_ext.spectral import base_spectrum, lora_topk, weight_topk
+from intruder_ext.spectral import BaseSpectrum, base_spectrum, dense_topk, lora_topk, weight_topk
 
 SHAPES = {"square": (160, 160), "wide": (120, 210), "tall": (210, 120)}
 
@@ -91,7 +93,7 @@ def test_auto_is_gram_on_cpu():
     assert torch.equal(auto.U, gram.U) and torch.equal(auto.S, gram.S)
 
 
-@pytest.mark.parametrize("shape", [(50, 50), (30, 70), (70, 30), (1, 9), (9, 1)])
+@pytest.mark.parametrize("shape", [(50, 50), (30, 70), (70, 30), (1, 9), (9, 1), (7, 0), (0, 7)])
 def test_zero_and_degenerate_weights(shape):
     W0 = torch.zeros(shape)
     base = base_spectrum(W0)
@@ -127,9 +129,23 @@ def test_detection_on_top_matches_float64_in_the_same_basis(shape, kind, dtype):
     check_certified_topk(top, W.double(), base.U, 10)
 
 
+@pytest.mark.parametrize("smallest, form", [(1.01e-3, "right"), (0.99e-3, "left")])
+def test_form_threshold(smallest, form):
+    # The right form needs every singular value at least RIGHT_FORM_MIN = 1e-3 of the largest.
+    m, n = SHAPES["tall"]
+    gen = torch.Generator().manual_seed(5)
+    U = torch.linalg.qr(torch.randn(m, n, generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    S = torch.logspace(0, math.log10(smallest), n, dtype=torch.float64)
+    base = base_spectrum((U * S) @ V.T, torch.float64)
+    assert (base.V is not None) == (form == "right")
+    check_singular_basis(base, (U * S) @ V.T)
+
+
 def test_right_and_left_forms_give_the_same_detection():
     # A tall weight's right form (implicit U0) against the left form of the SVD: the same
-    # top-k, max_cos and cosines with every base vector (coords), float64 spectra.
+    # top-k, max_cos and cosines with every base vector (coords), float64 spectra; on every
+    # path (structured, subspace, dense).
     m, n = SHAPES["tall"]
     W0 = weight((m, n), "flat", torch.bfloat16, seed=3)
     gen = torch.Generator().manual_seed(4)
@@ -146,3 +162,25 @@ def test_right_and_left_forms_give_the_same_detection():
     # Singular vectors are defined up to sign: compare |cos|.
     torch.testing.assert_close(a.coords.abs(), b.coords.abs(), atol=1e-8, rtol=0)
     torch.testing.assert_close(a.max_cos, a.coords.abs().max(dim=0).values, atol=0, rtol=0)
+    W = W0.double() + 3.0 * B.double() @ A.double()
+    for fn in (weight_topk, dense_topk):
+        a, b = fn(W, right, 8), fn(W, left, 8)
+        assert a.converged and b.converged
+        torch.testing.assert_close(a.sigma, b.sigma, atol=0, rtol=1e-10)
+        torch.testing.assert_close(a.coords.abs(), b.coords.abs(), atol=1e-8, rtol=0)
+
+
+def test_right_form_with_a_non_finite_weight_is_an_error():
+    # The right form's base vectors come from W0: a NaN there must not become a NaN max_cos.
+    W0 = weight(SHAPES["tall"], "flat", torch.float32)
+    base = base_spectrum(W0)
+    broken = W0.clone()
+    broken[5, 6] = float("nan")
+    stale = BaseSpectrum.from_right(base.V, base.stored()["S"], broken)
+    W = W0 + 0.01
+    with pytest.raises(ValueError, match=r"weight_topk: base.weight \(W0\) has non-finite entries"):
+        weight_topk(W, stale, 5)
+    with pytest.raises(ValueError, match=r"dense_topk: base.weight \(W0\) has non-finite entries"):
+        dense_topk(W, stale, 5)
+    with pytest.raises(ValueError, match=r"lora_topk: base.weight \(W0\) has non-finite entries"):
+        lora_topk(stale, torch.ones(W0.shape[0], 2), torch.ones(2, W0.shape[1]), 1.0, 5)

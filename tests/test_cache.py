@@ -38,10 +38,12 @@ def assert_same_spectrum(a, b):
     assert torch.equal(a.weight, b.weight)
 
 
-def test_miss_then_hit(tmp_path):
+@pytest.mark.parametrize("shape", [(40, 30), (30, 40)], ids=["tall_right_form", "wide_left_form"])
+def test_miss_then_hit(tmp_path, shape):
     cache = SpectrumCache(tmp_path)
-    W0 = weight()
+    W0 = weight(shape=shape)
     first = cache.get(W0)
+    assert (first.V is not None) == (shape[0] > shape[1])
     assert (cache.stats.hits, cache.stats.misses) == (0, 1)
     second = SpectrumCache(tmp_path).get(W0)  # a fresh object (another run) reads the file
     assert_same_spectrum(first, second)
@@ -339,12 +341,13 @@ def test_entries_store_only_what_the_fast_path_reads(tmp_path, shape, stored, si
     assert hit.dtype == torch.float32 and torch.equal(hit.U, first.U) and torch.equal(hit.S, first.S)
 
 
-def test_verify_reports_corrupt_entries(tmp_path):
+@pytest.mark.parametrize("shape", [(40, 30), (30, 40)], ids=["tall_right_form", "wide_left_form"])
+def test_verify_reports_corrupt_entries(tmp_path, shape):
     cache = SpectrumCache(tmp_path)
     for seed in range(3):
-        cache.get(weight(seed))
+        cache.get(weight(seed, shape))
     assert cache.verify() == []
-    damaged = cache.path(weight(1))
+    damaged = cache.path(weight(1, shape))
     data = damaged.read_bytes()
     damaged.write_bytes(data[:-5] + bytes([data[-5] ^ 0x40]) + data[-4:])
     garbage = tmp_path / ("f" * 64 + ".safetensors")
@@ -445,3 +448,23 @@ def test_get_argument_errors(tmp_path):
     with pytest.raises(TypeError,
                        match=r"SpectrumCache.get: model must be a str or None \(got int\)"):
         cache.get(weight(), model=3)
+
+
+@pytest.mark.parametrize("case", ["V of a wide weight", "float32 V", "V of the wrong shape",
+                                  "U and V"])
+def test_entries_of_the_wrong_layout_are_recomputed(tmp_path, case):
+    # Entries whose key and checksum are right but whose layout does not fit the weight (a
+    # forged or buggy writer) are corrupt: recomputed, never read.
+    cache = SpectrumCache(tmp_path)
+    W0 = weight(0, shape=(30, 40) if case == "V of a wide weight" else (40, 30))
+    V, S = torch.eye(30, dtype=torch.float64), torch.linspace(2, 1, 30, dtype=torch.float64)
+    tensors = {"V of a wide weight": {"V": V, "S": S}, "float32 V": {"V": V.float(), "S": S},
+               "V of the wrong shape": {"V": V[:, :29].contiguous(), "S": S},
+               "U and V": {"U": torch.zeros(40, 30), "V": V, "S": S}}[case]
+    key = cache.key(W0)
+    save_file(tensors, str(cache.path(W0)), metadata={
+        "format": cache_mod.FORMAT_VERSION, "key": key, "sha256": cache_mod._checksum(tensors)})
+    spectrum = cache.get(W0)
+    assert cache.stats.corrupt == 1 and cache.stats.misses == 1
+    assert_same_spectrum(spectrum, base_spectrum(W0))
+    assert_same_spectrum(SpectrumCache(tmp_path).get(W0), spectrum)  # rewritten

@@ -357,6 +357,12 @@ def test_base_spectrum_right_form_checks():
     with pytest.raises(TypeError, match=r"BaseSpectrum.from_right: V must be a torch.Tensor "
                                         r"\(got list\)"):
         BaseSpectrum.from_right([], S, W0)
+    for bad in (torch.cat([S[:-1], S.new_zeros(1)]), S.flip(0), S * float("nan"),
+                torch.cat([S[:-1], S[-1:] * 1e-4])):
+        with pytest.raises(ValueError, match=r"BaseSpectrum.from_right: S must be finite, "
+                                             r"descending and at least RIGHT_FORM_MIN = 0.001 of "
+                                             r"its largest value, which must be positive"):
+            BaseSpectrum.from_right(V, bad, W0)
 
 
 # ---------------------------------------------------------------------------------------------
