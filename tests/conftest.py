@@ -1,9 +1,18 @@
 """Shared fixtures and tiny PEFT models built from configs (nothing is downloaded)."""
 
+import signal
+
 import pytest
 import torch
 
 import intruder_ext
+
+# A runner that starts the tests in the background without job control (`cmd &` in a script)
+# leaves SIGINT ignored, and the processes the tests start inherit that: the Ctrl-C tests would
+# wait in vain for an interruption. At a terminal Ctrl-C is delivered; with a handler here,
+# children start with the default disposition again (exec resets handlers, not SIG_IGN).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 requires_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and intruder_ext.cuda_built()),
                                    reason="needs a GPU and the CUDA kernels")
