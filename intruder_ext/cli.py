@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -558,10 +560,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Set when a Ctrl-C reached main(). A KeyboardInterrupt raised inside some of Python's or a
+# library's machinery can come out as another exception: a RuntimeError with the interrupt as
+# its cause (a class body's __set_name__ during matplotlib's import), or, with no trace of it, an
+# ImportError "cannot load module more than once per process" (numpy's import interrupted, then
+# retried by torch's). Both seen in CI; the signal itself is what tells.
+_SIGINT_SEEN = threading.Event()
+
+
+def _on_sigint(signum, frame):
+    _SIGINT_SEEN.set()
+    raise KeyboardInterrupt
+
+
 def _caused_by_interrupt(error: BaseException | None) -> bool:
-    """Whether a Ctrl-C is behind ``error``: Python wraps a KeyboardInterrupt raised inside some
-    of its machinery (a class body's ``__set_name__`` during an import, seen in matplotlib) in
-    another exception, with the interrupt as its cause."""
+    """Whether a Ctrl-C is behind ``error``: one seen by main(), or one in its chain of causes."""
+    if _SIGINT_SEEN.is_set():
+        return True
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, KeyboardInterrupt):
@@ -572,6 +587,21 @@ def _caused_by_interrupt(error: BaseException | None) -> bool:
 
 
 def main(argv=None) -> int:
+    _SIGINT_SEEN.clear()
+    previous = None
+    # Only where Python's own Ctrl-C handler is in place (not where SIGINT is ignored, or a
+    # caller installed its own), and only from the main thread (the one signals reach).
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)  # usage errors: argparse prints one line and exits 2

@@ -194,6 +194,31 @@ def test_interrupt_wrapped_by_python_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines() == ["intruder-ext: interrupted"]
 
 
+def test_interrupt_turned_into_another_error_is_one_line(monkeypatch, capsys):
+    """A Ctrl-C during numpy's import (under torch's) left numpy half-initialised, and the next
+    import attempt raised "ImportError: cannot load module more than once per process" with no
+    trace of the interrupt (seen in CI): the signal main() saw makes it an interruption."""
+    import intruder_ext.cli as cli
+
+    def interrupted_import(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt:
+            pass  # swallowed, as the import machinery did
+        raise ImportError("cannot load module more than once per process")
+    monkeypatch.setattr(cli, "cmd_cache", interrupted_import)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh process
+    try:
+        assert cli.main(["cache", "--list"]) == 130
+        assert capsys.readouterr().err.strip().splitlines() == ["intruder-ext: interrupted"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+        monkeypatch.setattr(cli, "cmd_cache", lambda args: 0)
+        assert cli.main(["cache", "--list"]) == 0  # the next call starts afresh
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ---------------------------------------------------------------------------------- filesystems
 @pytest.fixture
 def small_fs(tmp_path):
