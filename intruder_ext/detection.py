@@ -89,7 +89,8 @@ def analyse_against(layer: Layer, base: BaseSpectrum, top_k, epsilon: float,
     m, n = layer.shape
     null = null_max_cos(m, min(m, n))
     lo, hi = max_cos_interval(top.coords.detach(), basis_groups(base.S, basis_rtol))
-    # The engine's max_cos and these coordinates differ by rounding; keep max_cos inside.
+    # The interval, from sums of the coordinates' squares, can miss max_cos by rounding; keep
+    # max_cos inside.
     lo = torch.minimum(lo.to(max_cos.dtype), max_cos)
     hi = torch.maximum(hi.to(max_cos.dtype), max_cos)
     sensitive = torch.nonzero((lo < epsilon) & (hi >= epsilon)).flatten().tolist()

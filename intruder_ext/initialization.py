@@ -18,11 +18,11 @@ sigma_j``. Taking sigma_j from that norm rather than from the cached S makes eve
 vector and the split exactly balanced (``||B[:, j]|| = ||A[j]||``), and ``s B A = U_r U_r^T W0``
 holds whatever the rounding of the cached vectors: the projection of W0 on their span.
 
-Numerically zero singular values (a rank-deficient weight in ``"minor"`` mode). A cached
-vector carries the rounding of the cache's dtype (a left-form entry), so ``||W0^T u_j||`` cannot resolve a singular
-value below about ``eps * S[0]`` (``eps`` of float32 for the default cache; the float64 Gram
-eigensolver resolves 1e-8 of ``S[0]``): such a ``v_j`` would be rounding noise. Those pairs are
-set to zero, exactly as PEFT's PiSSA sets the pair of a zero singular value
+Numerically zero singular values (a rank-deficient weight in ``"minor"`` mode). A cached vector
+carries the rounding of the cache's dtype (a left-form entry), so ``||W0^T u_j||`` cannot
+resolve a singular value below about ``eps * S[0]`` (``eps`` of float32 for the default cache;
+the float64 Gram eigensolver resolves 1e-8 of ``S[0]``): such a ``v_j`` would be rounding noise.
+Those pairs are set to zero, exactly as PEFT's PiSSA sets the pair of a zero singular value
 (``sqrt(0) = 0``), their ``W0^T u_j`` stays in the residual, and a warning names the layer: a
 pair that starts at zero gets no gradient (each factor's gradient is proportional to the other),
 so those directions will not train; a smaller r, or ``"principal"``, avoids them.

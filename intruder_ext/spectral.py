@@ -201,9 +201,7 @@ class BaseSpectrum:
         """``U[:, cols]`` in float64 (``cols`` a slice or index tensor): in the right form,
         ``W0 V[:, cols] / S[cols]``, m n r operations for r columns, with ``weight64`` (W0 in
         float64) if the caller has it, else from a float64 copy of ``weight``."""
-        if self._V is None:
-            return self._U[:, cols].to(_F64)
-        return _Basis(self, weight64).columns(cols)
+        return _Basis("BaseSpectrum.columns", self, weight64).columns(cols)
 
     def stored(self) -> dict[str, Tensor]:
         """The tensors a cache stores: ``{"U", "S"}`` (left form) or ``{"V", "S"}`` (right)."""
@@ -330,13 +328,6 @@ def _check_weight(fn: str, base, W, k) -> Tensor:
 def _check_finite(fn: str, name: str, t: Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{fn}: {name} has non-finite entries (NaN or inf)")
-
-
-def _check_right_form_weight(fn: str, base) -> None:
-    # In the right form the base vectors are computed from W0: a non-finite W0 would turn every
-    # max_cos into NaN, which no epsilon flags. (lora_topk finds it in W0 A^T at O(m r).)
-    if base.V is not None:
-        _check_finite(fn, "base.weight (W0)", base.weight)
 
 
 def _check_tol(fn: str, tol) -> float:
@@ -694,10 +685,13 @@ class _Gram64:
 
 
 class _Basis:
-    """A base spectrum's left vectors ``U0`` (m, p) in float64, for one computation: products
-    ``U0^T X`` and ``U0 x`` with U0 itself (left form), or as ``S^-1 V^T (W0^T X)`` and
+    """A base spectrum's left vectors ``U0`` (m, p) in float64, for one computation of ``fn``:
+    products ``U0^T X`` and ``U0 x`` with U0 itself (left form), or as ``S^-1 V^T (W0^T X)`` and
     ``W0 V (x / S)`` (right form, ``W64`` the float64 W0 when the caller has one, else made on
-    first use).
+    first use). In the right form every result passes through W0, where a non-finite entry makes
+    the result non-finite (NaN * x, inf * 0, inf - inf): checked there, at the size of the
+    result, instead of a pass over W0; unchecked, it would turn every max_cos into NaN, which
+    no epsilon flags.
 
     ``unit_error`` is the estimate of ``| ||u_i|| - 1 |`` and ``|u_i^T u_j|`` that the max_cos
     bound adds: the rounding of U0's dtype, plus, where vectors are (or were) formed as
@@ -706,18 +700,23 @@ class _Basis:
     tall left form, the smallest value above the re-orthonormalized ones). Measured: 6e-11 on a
     2000 x 400 weight with s_1/s_n = 1e3 (log-spaced values), where this gives 9e-9."""
 
-    def __init__(self, base: BaseSpectrum, W64: Tensor | None = None):
+    def __init__(self, fn: str, base: BaseSpectrum, W64: Tensor | None = None):
+        self.fn, self._base, self._W64, self._U = fn, base, W64, None
         self.S = base._S.to(_F64)
         self.V = base.V
-        self._base, self._W64 = base, W64
         m, n = base.shape
         self.unit_error = torch.finfo(base.dtype).eps
         formed = self.S[self.S > _GRAM_TINY * self.S[:1]] if m > n else self.S[:0]
         if formed.numel():
             self.unit_error += torch.finfo(_F64).eps * math.sqrt(m) * float(
                 formed[0] / formed[-1]) ** 2
-        if self.V is None:
-            self.U = base._U.to(_F64)
+
+    @property
+    def U(self) -> Tensor:
+        """The left form's U0 in float64, converted on first use."""
+        if self._U is None:
+            self._U = self._base._U.to(_F64)
+        return self._U
 
     @property
     def W0(self) -> Tensor:
@@ -725,23 +724,27 @@ class _Basis:
             self._W64 = self._base.weight.detach().to(_F64)
         return self._W64
 
+    def _through_W0(self, out: Tensor) -> Tensor:
+        _check_finite(self.fn, "base.weight (W0)", out)
+        return out
+
     def t(self, X: Tensor) -> Tensor:
         """``U0^T X``."""
         if self.V is None:
             return _thin_mm(self.U.mT, X)
-        return _thin_mm(self.V.mT, _thin_mm(self.W0.mT, X)) / self.S[:, None]
+        return self._through_W0(_thin_mm(self.V.mT, _thin_mm(self.W0.mT, X)) / self.S[:, None])
 
     def mm(self, x: Tensor) -> Tensor:
         """``U0 x``."""
         if self.V is None:
             return _thin_mm(self.U, x)
-        return _thin_mm(self.W0, _thin_mm(self.V, x / self.S[:, None]))
+        return self._through_W0(_thin_mm(self.W0, _thin_mm(self.V, x / self.S[:, None])))
 
     def columns(self, cols) -> Tensor:
-        """``U0[:, cols]``."""
+        """``U0[:, cols]`` (in the left form without converting the rest of U0)."""
         if self.V is None:
-            return self.U[:, cols]
-        return _thin_mm(self.W0, self.V[:, cols]) / self.S[cols]
+            return self._base._U[:, cols].to(_F64)
+        return self._through_W0(_thin_mm(self.W0, self.V[:, cols]) / self.S[cols])
 
 
 def _certify(gram: _Gram64, Y0: Tensor, k: int, *, block: int, tol: float, max_iter: int) -> _Eig:
@@ -841,7 +844,7 @@ def lora_topk(base: BaseSpectrum, B: Tensor, A: Tensor, scale: float, k: int, *,
     _check_finite(fn, "A", A)
     s = float(scale)
     gram = _Gram64(base.weight.detach(), B.detach(), A.detach(), s)
-    basis = _Basis(base, gram.W0)
+    basis = _Basis(fn, base, gram.W0)
     S0 = basis.S
     B, A = gram.B, gram.A
 
@@ -897,11 +900,10 @@ def weight_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = No
     W = _check_weight(fn, base, W, k)
     tol = _check_solver_args(fn, tol, max_iter, on_failure, block)
     _check_finite(fn, "W", W)
-    _check_right_form_weight(fn, base)
     m, n = base.shape
     p = min(m, n)
     gram = _Gram64(W)
-    basis = _Basis(base)
+    basis = _Basis(fn, base)
 
     # Float32 warm start, tested relative to mu_1 (what float32 can reach on any spectrum),
     # then the float64 iteration. Against float64 throughout (one thread, k = 10, W = W0 + noise
@@ -951,5 +953,4 @@ def dense_topk(W: Tensor, base: BaseSpectrum, k: int, *, tol: float | None = Non
     W = _check_weight("dense_topk", base, W, k)
     tol = _check_tol("dense_topk", tol)
     _check_finite("dense_topk", "W", W)
-    _check_right_form_weight("dense_topk", base)
-    return _dense(_Gram64(W), _Basis(base), k, base.dtype, tol)
+    return _dense(_Gram64(W), _Basis("dense_topk", base), k, base.dtype, tol)

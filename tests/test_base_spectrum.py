@@ -184,3 +184,6 @@ def test_right_form_with_a_non_finite_weight_is_an_error():
         dense_topk(W, stale, 5)
     with pytest.raises(ValueError, match=r"lora_topk: base.weight \(W0\) has non-finite entries"):
         lora_topk(stale, torch.ones(W0.shape[0], 2), torch.ones(2, W0.shape[1]), 1.0, 5)
+    with pytest.raises(ValueError, match=r"BaseSpectrum.columns: base.weight \(W0\) has "
+                                         r"non-finite entries"):
+        stale.columns(slice(0, 3))
